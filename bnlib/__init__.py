@@ -1,0 +1,29 @@
+"""bnlib: batch normalization, derived and implemented.
+
+Submodules (imported on first use, so ``import bnlib`` stays cheap):
+
+- ``bnlib.numpy``  -- the reference: forward passes and hand-derived backward passes in NumPy.
+- ``bnlib.torch``  -- drop-in ``torch.nn`` modules with hand-written autograd and Triton kernels.
+- ``bnlib.data``   -- MNIST (real download, verified and cached) with an offline fallback.
+- ``bnlib.experiments``, ``bnlib.plotting`` -- code shared by the book's chapters.
+
+``bnlib.setup(seed)`` is the one call at the top of every chapter notebook.
+"""
+from __future__ import annotations
+
+import importlib
+
+from ._setup import setup, seed_everything, default_device
+
+__version__ = "0.1.0"
+__all__ = ["setup", "seed_everything", "default_device", "__version__"]
+
+_SUBMODULES = {"numpy", "torch", "data", "experiments", "plotting", "ics"}
+
+
+def __getattr__(name):  # PEP 562: lazy submodules
+    if name in _SUBMODULES:
+        module = importlib.import_module(f".{name}", __name__)
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module 'bnlib' has no attribute {name!r}")
