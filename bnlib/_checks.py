@@ -1,0 +1,232 @@
+"""Input validation shared by ``bnlib.numpy`` and ``bnlib.torch``.
+
+The functions here work on plain Python values -- shapes as tuples of ints, dtypes as anything whose name
+can be read (a ``numpy.dtype``, a ``torch.dtype``, a NumPy scalar type or a string such as ``"float32"``) --
+so a NumPy array and a torch tensor that are wrong in the same way get the *same* message.
+
+Rules (every function raises before any state is touched; callers validate everything first, then update
+running statistics):
+
+- ``check_eps(eps, name="eps")``: a real number (not bool), finite and > 0. ``TypeError`` / ``ValueError``.
+- ``check_momentum(momentum, allow_none=True)``: ``None`` (cumulative average) or a real number in [0, 1].
+- ``check_ndim(ndim, allowed, name="input", layout="")``: ``ndim`` must be one of ``allowed``.
+- ``check_per_channel(name, shape, C)``: ``shape`` is ``None`` (argument not given) or exactly ``(C,)``.
+- ``check_num_channels(C, num_features, dim=1)``: a module's input has ``num_features`` channels.
+- ``check_shape(name, shape, expected)``: ``shape`` is ``None`` or exactly ``expected``.
+- ``check_num_groups(num_groups, C)``: a positive int that divides ``C``.
+- ``check_positive_int(name, value)``: a positive int (``num_features``, ``num_groups``, counts).
+- ``check_normalized_shape(normalized_shape, input_shape)``: the trailing dims of the input; returns a tuple.
+- ``check_training_size(shape)``: more than one value per channel, i.e. ``N * prod(spatial) > 1``;
+  the message is PyTorch's, word for word, for arrays too: ``Expected more than 1 value per channel when
+  training, got input size torch.Size([1, 3])``.
+- ``check_spatial_size(shape)``: instance statistics need ``prod(spatial) > 1`` (PyTorch's message).
+- ``check_float_dtype(name, dtype)``: float32 or float64 (``allowed`` widens it); integer, bool and complex
+  dtypes raise ``TypeError``.
+- ``check_running_stats(mean_given, var_given, training=True, names=...)``: both given or both ``None``;
+  given when not training.
+- ``check_renorm_limits(r_max, d_max)``: ``r_max >= 1`` and ``d_max >= 0``, finite.
+
+Messages name the argument, say what was expected and what was received. ``dtype_name(dtype)`` turns any
+dtype into ``"float32"``-style text.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Iterable, Optional, Sequence, Tuple
+
+FLOAT_DTYPES = ("float32", "float64")
+
+__all__ = [
+    "FLOAT_DTYPES",
+    "dtype_name",
+    "check_eps",
+    "check_momentum",
+    "check_ndim",
+    "check_shape",
+    "check_per_channel",
+    "check_num_channels",
+    "check_num_groups",
+    "check_positive_int",
+    "check_normalized_shape",
+    "check_training_size",
+    "check_spatial_size",
+    "check_float_dtype",
+    "check_running_stats",
+    "check_renorm_limits",
+]
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def dtype_name(dtype) -> str:
+    """``"float32"`` for ``np.float32``, ``np.dtype("float32")``, ``torch.float32`` or ``"torch.float32"``."""
+    if isinstance(dtype, str):
+        name = dtype
+    elif isinstance(dtype, type):
+        name = dtype.__name__
+    else:
+        name = getattr(dtype, "name", None)
+        if not isinstance(name, str):
+            name = str(dtype)
+    return name[len("torch."):] if name.startswith("torch.") else name
+
+
+def _describe(shape) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
+
+
+def check_eps(eps, name: str = "eps") -> float:
+    """``eps`` must be a finite real number > 0. Returns it as a float."""
+    if not _is_real(eps):
+        raise TypeError(f"{name} must be a positive real number, got {type(eps).__name__} {eps!r}")
+    if not (math.isfinite(float(eps)) and eps > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {eps!r}")
+    return float(eps)
+
+
+def check_momentum(momentum, allow_none: bool = True) -> Optional[float]:
+    """``momentum`` must be ``None`` (cumulative average, when allowed) or a real number in [0, 1]."""
+    if momentum is None:
+        if allow_none:
+            return None
+        raise TypeError("momentum must be a real number in [0, 1], got None")
+    if not _is_real(momentum):
+        raise TypeError(f"momentum must be None or a real number in [0, 1], got {type(momentum).__name__} "
+                        f"{momentum!r}")
+    if not 0.0 <= float(momentum) <= 1.0:  # NaN fails this test too
+        raise ValueError(f"momentum must be None or a real number in [0, 1], got {momentum!r}")
+    return float(momentum)
+
+
+def check_ndim(ndim: int, allowed: Iterable[int], name: str = "input", layout: str = "") -> None:
+    """``ndim`` must be one of ``allowed``; ``layout`` (e.g. ``"(N, C) or (N, C, L)"``) is added to the message."""
+    allowed = tuple(allowed)
+    if ndim not in allowed:
+        if len(allowed) == 1:
+            want = f"{allowed[0]}"
+        else:
+            want = ", ".join(str(a) for a in allowed[:-1]) + f" or {allowed[-1]}"
+        hint = f" {layout}" if layout else ""
+        raise ValueError(f"expected {name} with {want} dimensions{hint}, got {ndim}-D {name}")
+
+
+def check_shape(name: str, shape: Optional[Sequence[int]], expected: Sequence[int]) -> None:
+    """``shape`` (``None`` when the argument was not given) must equal ``expected``."""
+    if shape is None:
+        return
+    if tuple(int(s) for s in shape) != tuple(int(s) for s in expected):
+        raise ValueError(f"{name} must have shape {_describe(expected)}, got shape {_describe(shape)}")
+
+
+def check_per_channel(name: str, shape: Optional[Sequence[int]], C: int) -> None:
+    """A per-channel argument (weight, bias, running stats) must have shape ``(C,)`` or be ``None``."""
+    if shape is None:
+        return
+    if tuple(int(s) for s in shape) != (int(C),):
+        raise ValueError(f"{name} must have shape ({int(C)},) to match the {int(C)} channels of input "
+                         f"(dimension 1), got shape {_describe(shape)}")
+
+
+def check_num_channels(C: int, num_features: int, dim: int = 1) -> None:
+    """A module built for ``num_features`` channels must get an input with that many in dimension ``dim``."""
+    if int(C) != int(num_features):
+        raise ValueError(f"expected input with num_features={int(num_features)} channels in dimension {dim}, "
+                         f"got {int(C)}")
+
+
+def check_positive_int(name: str, value) -> int:
+    """``value`` must be an int > 0."""
+    if not _is_int(value):
+        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+    if value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def check_num_groups(num_groups, C: int) -> int:
+    """``num_groups`` must be a positive int that divides the number of channels ``C``."""
+    num_groups = check_positive_int("num_groups", num_groups)
+    if C % num_groups != 0:
+        raise ValueError(f"num_groups must divide the number of channels, got num_groups={num_groups} "
+                         f"for {C} channels")
+    return num_groups
+
+
+def check_normalized_shape(normalized_shape, input_shape: Sequence[int]) -> Tuple[int, ...]:
+    """``normalized_shape`` (an int or a sequence of ints) must equal the trailing dims of the input."""
+    if _is_int(normalized_shape):
+        normalized_shape = (normalized_shape,)
+    try:
+        ns = tuple(normalized_shape)
+    except TypeError:
+        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got "
+                        f"{type(normalized_shape).__name__}") from None
+    if len(ns) == 0 or not all(_is_int(s) and s > 0 for s in ns):
+        raise ValueError(f"normalized_shape must be a non-empty sequence of positive ints, got {ns!r}")
+    ns = tuple(int(s) for s in ns)
+    input_shape = tuple(int(s) for s in input_shape)
+    if len(input_shape) < len(ns) or input_shape[len(input_shape) - len(ns):] != ns:
+        raise ValueError(f"normalized_shape={list(ns)} must match the trailing dimensions of input, "
+                         f"expected input of shape (*, {', '.join(map(str, ns))}), got input of shape "
+                         f"{_describe(input_shape)}")
+    return ns
+
+
+def _size_string(shape: Sequence[int]) -> str:
+    return f"torch.Size([{', '.join(str(int(s)) for s in shape)}])"
+
+
+def check_training_size(shape: Sequence[int]) -> None:
+    """Batch statistics need more than one value per channel: ``N * prod(shape[2:]) > 1`` (torch's message)."""
+    size = int(shape[0]) if len(shape) > 0 else 1
+    for s in shape[2:]:
+        size *= int(s)
+    if size == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size "
+                         f"{_size_string(shape)}")
+
+
+def check_spatial_size(shape: Sequence[int]) -> None:
+    """Instance statistics need more than one spatial element: ``prod(shape[2:]) > 1`` (torch's message)."""
+    size = 1
+    for s in shape[2:]:
+        size *= int(s)
+    if size == 1:
+        raise ValueError(f"Expected more than 1 spatial element when training, got input size "
+                         f"{_size_string(shape)}")
+
+
+def check_float_dtype(name: str, dtype, allowed: Sequence[str] = FLOAT_DTYPES) -> str:
+    """``dtype`` must be one of ``allowed`` (default float32, float64); returns its name."""
+    got = dtype_name(dtype)
+    if got not in allowed:
+        want = " or ".join(allowed) if len(allowed) <= 2 else ", ".join(allowed[:-1]) + f" or {allowed[-1]}"
+        raise TypeError(f"{name} must have a floating-point dtype ({want}), got {got}")
+    return got
+
+
+def check_running_stats(running_mean_given: bool, running_var_given: bool, training: bool = True,
+                        names: Tuple[str, str] = ("running_mean", "running_var")) -> None:
+    """Running mean and variance are given together or not at all, and must be given when not training."""
+    if bool(running_mean_given) != bool(running_var_given):
+        raise ValueError(f"{names[0]} and {names[1]} must either both be None or neither be None")
+    if not training and not running_mean_given:
+        raise ValueError(f"{names[0]} and {names[1]} must be given when training=False (evaluation "
+                         f"normalizes with the running statistics)")
+
+
+def check_renorm_limits(r_max, d_max) -> Tuple[float, float]:
+    """Batch renormalization clips: ``r_max >= 1`` and ``d_max >= 0``, both finite reals."""
+    for name, value, low in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
+        if not _is_real(value):
+            raise TypeError(f"{name} must be a real number >= {low:g}, got {type(value).__name__} {value!r}")
+        if not (math.isfinite(float(value)) and value >= low):
+            raise ValueError(f"{name} must be a finite real number >= {low:g}, got {value!r}")
+    return float(r_max), float(d_max)

@@ -1,0 +1,121 @@
+"""Batch renormalization in NumPy (Ioffe 2017).
+
+Training corrects the batch statistics towards the running ones with two per-channel factors that are
+treated as constants by the backward pass (no gradient flows through ``r`` and ``d``)::
+
+    sigma_B = sqrt(var_B + eps)                    var_B: BIASED batch variance, per channel
+    sigma   = sqrt(running_var + eps)              running statistics as they were BEFORE this batch
+    r = clip(sigma_B / sigma, 1/r_max, r_max)
+    d = clip((mean_B - running_mean) / sigma, -d_max, d_max)
+    y = weight * ((x - mean_B) / sigma_B * r + d) + bias
+
+then the running statistics are updated like PyTorch's batch norm (``momentum`` weights the new batch,
+``running_var`` receives the UNBIASED variance, ``momentum=None`` is the cumulative average over
+``num_batches_tracked``). Note the paper's moving average is over ``sigma``; bnlib keeps ``running_var`` so
+that a batch-renorm layer's state is interchangeable with a ``BatchNorm`` layer's. Evaluation normalizes with
+the running statistics, ``y = weight * (x - running_mean) / sigma + bias``, exactly as batch norm.
+
+``r_max = 1, d_max = 0`` gives ``r = 1, d = 0``: plain batch norm, bit for bit (the paper's warm-up).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _checks
+from . import _common
+from .batch_norm import _backward_eval, _check_dy, _forward as _bn_forward, _validate as _bn_validate
+from .stats import _affine, _as_abl, _moments, _norm_grad
+
+__all__ = ["batch_renorm", "batch_renorm_backward", "renorm_factors"]
+
+
+def _validate(x, running_mean, running_var, weight, bias, training, eps, r_max, d_max, will_update):
+    if running_mean is None or running_var is None:
+        raise ValueError("batch_renorm needs running_mean and running_var (arrays of shape (C,)), got None")
+    _checks.check_renorm_limits(r_max, d_max)
+    return _bn_validate(x, running_mean, running_var, weight, bias, training, eps, will_update)
+
+
+def _factors(mean, var, rm, rv, eps, r_max, d_max):
+    """``(r, d, invstd_B)`` as float64 ``(C,)`` arrays from batch and running statistics."""
+    sigma_b = np.sqrt(var + eps)
+    sigma = np.sqrt(rv.astype(np.float64) + eps)
+    r = np.clip(sigma_b / sigma, 1.0 / r_max, r_max)
+    d = np.clip((mean - rm.astype(np.float64)) / sigma, -d_max, d_max)
+    return r, d, 1.0 / sigma_b
+
+
+def renorm_factors(x, running_mean, running_var, eps=1e-5, r_max=3.0, d_max=5.0):
+    """The correction factors ``(r, d)`` (float64, shape ``(C,)``) batch renorm would use on ``x``."""
+    x, rm, rv, _, _ = _validate(x, running_mean, running_var, None, None, True, eps, r_max, d_max, False)
+    mean, var, _ = _moments(_as_abl(x, x.shape[0], x.shape[1]))
+    r, d, _ = _factors(mean, var, rm, rv, float(eps), float(r_max), float(d_max))
+    return r, d
+
+
+def _forward(x, rm, rv, w, b, training, factor, eps, r_max, d_max):
+    """Forward on validated arrays; returns ``(y, saved)`` with ``saved = (mean, shift, invstd_B, r, d)``."""
+    N, C = x.shape[:2]
+    if not training:
+        y, _ = _bn_forward(x, rm, rv, w, b, False, factor, eps)
+        return y, None
+    x3 = _as_abl(x, N, C)
+    n = x3.shape[0] * x3.shape[2]
+    mean, var, shift = _moments(x3)
+    r, d, invstd = _factors(mean, var, rm, rv, eps, r_max, d_max)
+    gamma = np.ones(C) if w is None else w.astype(np.float64)
+    beta = np.zeros(C) if b is None else b.astype(np.float64)
+    scale = gamma * r * invstd
+    offset = (beta + gamma * d) - (mean - shift.astype(np.float64)) * scale
+    y3 = _affine(x3, shift, scale, offset)
+    _common.update_running(rm, mean, factor)
+    _common.update_running(rv, _common.unbiased(var, n), factor)
+    return y3.reshape(x.shape), (mean, shift, invstd, r, d)
+
+
+def _backward_train(dy, x, w, saved):
+    mean, shift, invstd, r, d = saved
+    N, C = x.shape[:2]
+    x3 = _as_abl(x, N, C)
+    dy3 = _as_abl(np.asarray(dy, dtype=x.dtype), N, C)
+    gamma = np.ones(C) if w is None else w.astype(np.float64)
+    dx3, sg, sgxhat = _norm_grad(dy3, x3, mean, shift, invstd, gamma * r)
+    dweight = r * sgxhat + d * sg
+    return dx3.reshape(x.shape), dweight.astype(x.dtype), sg.astype(x.dtype)
+
+
+def batch_renorm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5,
+                 r_max=3.0, d_max=5.0, *, num_batches_tracked=None):
+    """Batch renormalization of an ``(N, C)`` / ``(N, C, *spatial)`` array (formula in the module docstring).
+
+    ``running_mean``/``running_var`` are required and, in training, updated IN PLACE after ``r`` and ``d``
+    have been computed from their previous values. ``r_max >= 1``, ``d_max >= 0``. Returns ``y``.
+    """
+    x, rm, rv, w, b = _validate(x, running_mean, running_var, weight, bias, training, eps, r_max, d_max,
+                                bool(training))
+    factor = _common.averaging_factor(momentum, num_batches_tracked, bool(training))
+    y, _ = _forward(x, rm, rv, w, b, bool(training), factor, float(eps), float(r_max), float(d_max))
+    return y
+
+
+def batch_renorm_backward(dy, x, running_mean, running_var, weight=None, eps=1e-5, r_max=3.0, d_max=5.0, *,
+                          training=True):
+    """Gradients of :func:`batch_renorm`: returns ``(dx, dweight, dbias)``.
+
+    Pass the running statistics as they were BEFORE the forward updated them (the forward computes ``r`` and
+    ``d`` from those; copy them before calling :func:`batch_renorm` in training). With ``r`` and ``d``
+    constants, ``y = (weight * r) * xhat + weight * d + bias`` is batch norm with ``gamma = weight * r``::
+
+        dx      = (weight * r / sigma_B) * (dy - mean(dy) - xhat * mean(dy * xhat))
+        dweight = sum(dy * (r * xhat + d)),   dbias = sum(dy)
+
+    With ``training=False`` the gradients are batch norm's evaluation-mode ones. ``dweight``/``dbias`` are
+    always returned (w.r.t. implicit 1 and 0 when ``weight=None``).
+    """
+    x, rm, rv, w, _ = _validate(x, running_mean, running_var, weight, None, training, eps, r_max, d_max, False)
+    dy = _check_dy(dy, x)
+    if not training:
+        return _backward_eval(dy, x, w, rm, rv, eps)
+    mean, var, shift = _moments(_as_abl(x, x.shape[0], x.shape[1]))
+    r, d, invstd = _factors(mean, var, rm, rv, float(eps), float(r_max), float(d_max))
+    return _backward_train(dy, x, w, (mean, shift, invstd, r, d))
