@@ -1,0 +1,141 @@
+r"""Ghost batch normalization (Hoffer, Hubara & Soudry 2017, "Train longer, generalize better").
+
+In training the batch of ``N`` samples is split, in order, into virtual ("ghost") batches of
+``virtual_batch_size`` samples (the last one smaller when ``N`` is not a multiple, as ``torch.split``); each
+is normalized with its own mean and variance, and the running statistics are updated once per virtual batch,
+in order, with PyTorch's convention. Evaluation is plain batch norm with the running statistics. With
+``virtual_batch_size >= N`` it is batch norm.
+
+The virtual batches are processed together: the input is viewed as ``(k, N/k, C, *)`` and the statistics
+have shape ``(k, C)``, so forward and backward are the batch-norm passes of
+:mod:`bnlib.torch._batch_norm` with ``k`` groups (hand-derived backward, ``once_differentiable``).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from .. import _checks
+from ._batch_norm import BatchNormFunction, bn_backward, bn_train_forward, check_batch_norm_args
+from ._common import cast_like, update_running_stats
+from .modules import _BatchNorm, _NormBase, _check_ndim
+
+__all__ = ["ghost_batch_norm", "GhostBatchNorm1d", "GhostBatchNorm2d"]
+
+
+class GhostBatchNormFunction(torch.autograd.Function):
+    """Batch norm of ``x`` (``N = k * v``) with separate statistics for each of the ``k`` groups of ``v``."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, running_mean, running_var, momenta, eps, k):
+        y, mean, var = bn_train_forward(x, k, weight, bias, eps)
+        if running_mean is not None:
+            count = x.numel() // (k * x.shape[1])
+            for i in range(k):
+                update_running_stats(running_mean, running_var, mean[i], var[i], count, momenta[i])
+        invstd = torch.rsqrt(var + eps)
+        ctx.k = k
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, weight, mean, invstd)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, weight, mean, invstd = ctx.saved_tensors
+        need_dx, need_w, need_b = ctx.needs_input_grad[:3]
+        w = cast_like(weight, mean.dtype)
+        dx, sum_dy, sum_dy_xhat = bn_backward(dy, x, ctx.k, mean, invstd, w, True, need_dx, need_w)
+        dw = cast_like(sum_dy_xhat.sum(0), weight.dtype) if need_w else None
+        db = cast_like(sum_dy.sum(0), ctx.bias_dtype) if need_b else None
+        return dx, dw, db, None, None, None, None, None
+
+
+def _momenta(n: int, momentum: Optional[float], num_batches_tracked: Optional[Tensor]):
+    """One momentum per virtual batch; ``momentum=None`` is the cumulative average over all virtual
+    batches counted by ``num_batches_tracked`` (incremented here by ``n``)."""
+    if num_batches_tracked is None:
+        return [0.0 if momentum is None else momentum] * n
+    start = int(num_batches_tracked)
+    num_batches_tracked.add_(n)
+    if momentum is None:
+        return [1.0 / (start + i + 1) for i in range(n)]
+    return [momentum] * n
+
+
+def ghost_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                     weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, training: bool = False,
+                     momentum: Optional[float] = 0.1, eps: float = 1e-5, virtual_batch_size: int = 32,
+                     num_batches_tracked: Optional[Tensor] = None) -> Tensor:
+    """Ghost batch norm of an ``(N, C, *)`` input; arguments as :func:`bnlib.torch.functional.batch_norm`
+    plus ``virtual_batch_size`` and, optionally, the ``num_batches_tracked`` counter (incremented by the
+    number of virtual batches; with ``momentum=None`` it gives the cumulative average)."""
+    check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                          check_momentum=False)
+    momentum = _checks.check_momentum(momentum)
+    v = _checks.check_positive_int("virtual_batch_size", virtual_batch_size)
+    if not training:
+        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, False,
+                                       0.0 if momentum is None else momentum, eps)
+    N = input.shape[0]
+    k, rest = divmod(N, v)
+    if k == 0:
+        k, v, rest = 1, N, 0
+    sizes = [v] * k + ([rest] if rest else [])
+    for s in sizes:  # every virtual batch needs more than one value per channel
+        _checks.check_training_size((s,) + tuple(input.shape[1:]))
+    if running_mean is None:
+        num_batches_tracked = None
+    momenta = _momenta(len(sizes), momentum, num_batches_tracked)
+    if not rest:
+        return GhostBatchNormFunction.apply(input, weight, bias, running_mean, running_var, momenta, eps, k)
+    head = GhostBatchNormFunction.apply(input[: k * v], weight, bias, running_mean, running_var, momenta[:k],
+                                        eps, k)
+    tail = GhostBatchNormFunction.apply(input[k * v:], weight, bias, running_mean, running_var, momenta[k:],
+                                        eps, 1)
+    return torch.cat([head, tail], dim=0)
+
+
+class _GhostBatchNorm(_BatchNorm):
+    """Ghost batch norm module: :class:`bnlib.torch.modules._BatchNorm` whose ``_functional`` hook splits
+    the batch into virtual batches (keyword-only ``virtual_batch_size``, default 32). Parameters, buffers
+    and state dict are those of ``torch.nn.BatchNorm*``; ``num_batches_tracked`` counts virtual batches."""
+
+    def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
+                 affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
+                 bias: bool = True, virtual_batch_size: int = 32) -> None:
+        _checks.check_positive_int("virtual_batch_size", virtual_batch_size)
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
+                         backend="torch")
+        self.virtual_batch_size = virtual_batch_size
+
+    def forward(self, input: Tensor) -> Tensor:
+        self._check_input_dim(input)
+        _checks.check_num_channels(input.shape[1], self.num_features)
+        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        use_buffers = not self.training or self.track_running_stats
+        running_mean = self.running_mean if use_buffers else None
+        running_var = self.running_var if use_buffers else None
+        nbt = self.num_batches_tracked if (self.training and self.track_running_stats) else None
+        return ghost_batch_norm(input, running_mean, running_var, self.weight, self.bias, bn_training,
+                                self.momentum, self.eps, self.virtual_batch_size, num_batches_tracked=nbt)
+
+    def extra_repr(self) -> str:
+        return _NormBase.extra_repr(self) + f", virtual_batch_size={self.virtual_batch_size}"
+
+
+class GhostBatchNorm1d(_GhostBatchNorm):
+    """Ghost batch norm of ``(N, C)`` or ``(N, C, L)`` input (drop-in for :class:`torch.nn.BatchNorm1d`)."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        _check_ndim(input, (2, 3))
+
+
+class GhostBatchNorm2d(_GhostBatchNorm):
+    """Ghost batch norm of ``(N, C, H, W)`` input (drop-in for :class:`torch.nn.BatchNorm2d`)."""
+
+    def _check_input_dim(self, input: Tensor) -> None:
+        _check_ndim(input, (4,))
