@@ -25,6 +25,8 @@ running statistics):
 - ``check_running_stats(mean_given, var_given, training=True, names=...)``: both given or both ``None``;
   given when not training.
 - ``check_renorm_limits(r_max, d_max)``: ``r_max >= 1`` and ``d_max >= 0``, finite.
+- ``averaging_factor(momentum, num_batches_tracked, needed, as_count)``: the weight of the new batch in the
+  running averages (``momentum``, or ``1 / num_batches_tracked`` for ``momentum=None``).
 
 Messages name the argument, say what was expected and what was received. ``dtype_name(dtype)`` turns any
 dtype into ``"float32"``-style text.
@@ -33,7 +35,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Iterable, Optional, Sequence, Tuple
+from typing import Callable, Iterable, Optional, Sequence, Tuple
 
 FLOAT_DTYPES = ("float32", "float64")
 
@@ -54,6 +56,7 @@ __all__ = [
     "check_float_dtype",
     "check_running_stats",
     "check_renorm_limits",
+    "averaging_factor",
 ]
 
 
@@ -230,3 +233,29 @@ def check_renorm_limits(r_max, d_max) -> Tuple[float, float]:
         if not (math.isfinite(float(value)) and value >= low):
             raise ValueError(f"{name} must be a finite real number >= {low:g}, got {value!r}")
     return float(r_max), float(d_max)
+
+
+def averaging_factor(momentum, num_batches_tracked, needed: bool,
+                     as_count: Callable[[object], Optional[int]]) -> float:
+    """The weight ``f`` of the new batch in ``running = (1 - f) * running + f * batch`` (PyTorch's convention).
+
+    ``momentum`` in [0, 1] gives ``f = momentum``. ``momentum=None`` asks for the cumulative average, which
+    needs ``num_batches_tracked``: the number of batches seen *including this one* (the modules increment
+    their counter before the call, as ``torch.nn.BatchNorm*`` does), giving ``f = 1 / num_batches_tracked``.
+    ``needed`` says whether running statistics will be updated at all (``f = 0`` when not).
+
+    ``as_count`` is the framework's part: it turns ``num_batches_tracked`` (an int, a NumPy or torch scalar)
+    into a Python int, or ``None`` when it is not an integer scalar.
+    """
+    momentum = check_momentum(momentum)
+    if momentum is not None:
+        return momentum
+    if not needed:
+        return 0.0
+    if num_batches_tracked is None:
+        raise ValueError("momentum=None (cumulative moving average) needs num_batches_tracked, the number of "
+                         "batches seen including this one")
+    count = as_count(num_batches_tracked)
+    if count is None or count < 1:
+        raise ValueError(f"num_batches_tracked must be an int >= 1, got {num_batches_tracked!r}")
+    return 1.0 / count

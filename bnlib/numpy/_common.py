@@ -49,26 +49,19 @@ def as_running(name, value, C, will_update):
     return arr
 
 
-def averaging_factor(momentum, num_batches_tracked, needed):
-    """The weight of the new batch in ``running = (1 - f) * running + f * batch`` (PyTorch's convention).
-
-    ``momentum`` in [0, 1] gives ``f = momentum``. ``momentum=None`` asks for the cumulative average, which
-    needs ``num_batches_tracked``: the number of batches seen *including this one* (the modules increment
-    their counter before the call, as ``torch.nn.BatchNorm*`` does), giving ``f = 1 / num_batches_tracked``.
-    ``needed`` says whether running statistics will be updated at all.
-    """
-    momentum = _checks.check_momentum(momentum)
-    if momentum is not None:
-        return momentum
-    if not needed:
-        return 0.0
-    if num_batches_tracked is None:
-        raise ValueError("momentum=None (cumulative moving average) needs num_batches_tracked, the number of "
-                         "batches seen including this one")
+def _as_count(num_batches_tracked):
+    """``num_batches_tracked`` as a Python int, or ``None`` when it is not an integer scalar."""
     count = np.asarray(num_batches_tracked)
-    if count.ndim != 0 or count.dtype.kind not in "iu" or int(count) < 1:
-        raise ValueError(f"num_batches_tracked must be an int >= 1, got {num_batches_tracked!r}")
-    return 1.0 / int(count)
+    if count.ndim != 0 or count.dtype.kind not in "iu":
+        return None
+    return int(count)
+
+
+def averaging_factor(momentum, num_batches_tracked, needed):
+    """The weight of the new batch in ``running = (1 - f) * running + f * batch``: ``momentum``, or
+    ``1 / num_batches_tracked`` for ``momentum=None``; see :func:`bnlib._checks.averaging_factor`.
+    ``num_batches_tracked`` may be an int or an integer NumPy scalar (0-d array)."""
+    return _checks.averaging_factor(momentum, num_batches_tracked, needed, _as_count)
 
 
 def update_running(running, batch_value, factor):

@@ -206,6 +206,20 @@ class _NormBase(Module):
                 f"bias={self.bias is not None}, track_running_stats={self.track_running_stats}")
 
 
+def _validate_batch_layer(layer, x):
+    """Check the input and state of a layer normalized by batch statistics (batch norm, batch layer norm),
+    touching nothing. Returns ``(x, rm, rv, w, b, use_batch_stats, update)``: the validated arrays (the
+    running statistics are ``None`` when training without tracking them), whether the batch statistics
+    normalize, and whether the running statistics will be updated."""
+    x = layer._check_input(x)
+    use_batch_stats = layer.training or layer.running_mean is None
+    update = layer.training and layer.track_running_stats
+    given = not layer.training or layer.track_running_stats
+    rm, rv = (layer.running_mean, layer.running_var) if given else (None, None)
+    x, rm, rv, w, b = _bn._validate(x, rm, rv, layer.weight, layer.bias, use_batch_stats, layer.eps, update)
+    return x, rm, rv, w, b, use_batch_stats, update
+
+
 class _BatchNorm(_NormBase):
     """Batch norm over the channels of ``(N, C, *)`` input; see :mod:`bnlib.numpy.batch_norm`."""
 
@@ -225,12 +239,7 @@ class _BatchNorm(_NormBase):
         return cls(num_features, eps=epsilon, momentum=momentum, affine=affine, dtype=dtype, convention="keras")
 
     def forward(self, x):
-        x = self._check_input(x)
-        use_batch_stats = self.training or self.running_mean is None
-        update = self.training and self.track_running_stats
-        given = not self.training or self.track_running_stats
-        rm, rv = (self.running_mean, self.running_var) if given else (None, None)
-        x, rm, rv, w, b = _bn._validate(x, rm, rv, self.weight, self.bias, use_batch_stats, self.eps, update)
+        x, rm, rv, w, b, use_batch_stats, update = _validate_batch_layer(self, x)
         # everything is valid: state may change from here on
         factor = self._averaging_factor(update)
         if self.convention == "keras" and update:
@@ -346,12 +355,7 @@ class BatchLayerNorm(_NormBase):
         self.batch_size = None if batch_size is None else _checks.check_positive_int("batch_size", batch_size)
 
     def forward(self, x):
-        x = self._check_input(x)
-        use_batch_stats = self.training or self.running_mean is None
-        update = self.training and self.track_running_stats
-        given = not self.training or self.track_running_stats
-        rm, rv = (self.running_mean, self.running_var) if given else (None, None)
-        x, rm, rv, w, b = _bn._validate(x, rm, rv, self.weight, self.bias, use_batch_stats, self.eps, update)
+        x, rm, rv, w, b, use_batch_stats, update = _validate_batch_layer(self, x)
         m = _bln._batch_size(x, self.batch_size)
         factor = self._averaging_factor(update)
         y, saved = _bln._forward(x, rm, rv, w, b, use_batch_stats, factor, self.eps, m)

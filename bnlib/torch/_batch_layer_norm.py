@@ -28,7 +28,8 @@ from torch.autograd.function import once_differentiable
 
 from .. import _checks
 from ._batch_norm import bn_backward, bn_train_forward, check_batch_norm_args
-from ._common import cast_like, channel_view, compute_dtype, update_running_stats
+from ._common import (cast_like, channel_view, compute_dtype, save_norm_context, saved_norm_context,
+                      update_running_stats)
 
 __all__ = ["batch_layer_norm", "bln_weights"]
 
@@ -84,15 +85,13 @@ class BatchLayerNormFunction(torch.autograd.Function):
         xl = torch.sub(xc, _sample_view(mean_l, nd)).mul_(_sample_view(invstd_l * a_l, nd))
         yb.addcmul_(xl, channel_view(gscale, nd))
         ctx.training, ctx.a_l, ctx.a_b = training, a_l, a_b
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, mean_b, invstd_b, mean_l, invstd_l)
+        save_norm_context(ctx, x, weight, bias, mean_b, invstd_b, mean_l, invstd_l)
         return yb if yb.dtype == x.dtype else yb.to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, mean_b, invstd_b, mean_l, invstd_l = ctx.saved_tensors
-        need_dx, need_w, need_b = ctx.needs_input_grad[:3]
+        x, weight, mean_b, invstd_b, mean_l, invstd_l, need_dx, need_w, need_b = saved_norm_context(ctx)
         cd = mean_b.dtype
         N, C = x.shape[0], x.shape[1]
         nd = x.dim()

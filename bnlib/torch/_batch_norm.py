@@ -34,7 +34,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _checks
-from ._common import cast_like, channel_view, check_input, check_param, compute_dtype, update_running_stats
+from ._common import (cast_like, channel_view, check_input, check_param, compute_dtype, save_norm_context,
+                      saved_norm_context, update_running_stats)
 
 __all__ = ["batch_norm", "BACKENDS"]
 
@@ -185,15 +186,13 @@ class BatchNormFunction(torch.autograd.Function):
             invstd = torch.rsqrt(running_var.to(cd) + eps)
             y = bn_eval_forward(x, weight, bias, mean, invstd)
         ctx.training = training
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, mean, invstd)
+        save_norm_context(ctx, x, weight, bias, mean, invstd)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, mean, invstd = ctx.saved_tensors
-        need_dx, need_w, need_b = ctx.needs_input_grad[:3]
+        x, weight, mean, invstd, need_dx, need_w, need_b = saved_norm_context(ctx)
         w = cast_like(weight, mean.dtype)
         dx, sum_dy, sum_dy_xhat = bn_backward(dy, x, 1, mean.view(1, -1), invstd.view(1, -1), w,
                                               ctx.training, need_dx, need_w)
@@ -241,15 +240,13 @@ class _TritonBatchNormFunction(torch.autograd.Function):
             save_mean = running_mean.to(cd)
             save_invstd = torch.rsqrt(running_var.to(cd) + eps)
         ctx.training = training
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, save_mean, save_invstd)
+        save_norm_context(ctx, x, weight, bias, save_mean, save_invstd)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, mean, invstd = ctx.saved_tensors
-        need_dx, need_w, need_b = ctx.needs_input_grad[:3]
+        x, weight, mean, invstd, need_dx, need_w, need_b = saved_norm_context(ctx)
         if ctx.training:
             mod = _triton_module()
             dx, dw, db = mod.batch_norm_backward(dy, x, weight, mean, invstd)
@@ -268,26 +265,23 @@ class _TritonBatchNormFunction(torch.autograd.Function):
 _LAYOUT = "(N, C) or (N, C, *spatial) with 1-3 spatial dims"
 
 
-def averaging_factor(momentum, num_batches_tracked, needed: bool) -> float:
-    """The weight of the new batch in the running averages (same rule and messages as :mod:`bnlib.numpy`):
-    ``momentum`` in [0, 1], or ``None`` for the cumulative average ``1 / num_batches_tracked`` (batches seen
-    *including this one*)."""
-    momentum = _checks.check_momentum(momentum)
-    if momentum is not None:
-        return momentum
-    if not needed:
-        return 0.0
-    if num_batches_tracked is None:
-        raise ValueError("momentum=None (cumulative moving average) needs num_batches_tracked, the number of "
-                         "batches seen including this one")
+def _as_count(num_batches_tracked):
+    """``num_batches_tracked`` (an int or a 0-d integer tensor) as a Python int, or ``None`` otherwise."""
     count = num_batches_tracked
     if isinstance(count, torch.Tensor):
         if count.dim() != 0 or count.dtype.is_floating_point or count.dtype.is_complex:
-            raise ValueError(f"num_batches_tracked must be an int >= 1, got {num_batches_tracked!r}")
+            return None
         count = int(count)
-    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-        raise ValueError(f"num_batches_tracked must be an int >= 1, got {num_batches_tracked!r}")
-    return 1.0 / count
+    if isinstance(count, bool) or not isinstance(count, int):
+        return None
+    return count
+
+
+def averaging_factor(momentum, num_batches_tracked, needed: bool) -> float:
+    """The weight of the new batch in the running averages (same rule and messages as :mod:`bnlib.numpy`,
+    see :func:`bnlib._checks.averaging_factor`): ``momentum`` in [0, 1], or ``None`` for the cumulative
+    average ``1 / num_batches_tracked`` (batches seen *including this one*)."""
+    return _checks.averaging_factor(momentum, num_batches_tracked, needed, _as_count)
 
 
 def check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps,

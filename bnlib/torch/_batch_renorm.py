@@ -23,7 +23,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _checks
 from ._batch_norm import BatchNormFunction, bn_backward, bn_train_forward, check_batch_norm_args
-from ._common import cast_like, compute_dtype, update_running_stats
+from ._common import cast_like, compute_dtype, save_norm_context, saved_norm_context, update_running_stats
 
 __all__ = ["batch_renorm"]
 
@@ -46,15 +46,13 @@ class BatchRenormFunction(torch.autograd.Function):
         mean, var = mean[0], var[0]
         update_running_stats(running_mean, running_var, mean, var, x.numel() // max(x.shape[1], 1), momentum)
         invstd = torch.rsqrt(var + eps)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, mean, invstd, saved["r"], saved["d"])
+        save_norm_context(ctx, x, weight, bias, mean, invstd, saved["r"], saved["d"])
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, mean, invstd, r, d = ctx.saved_tensors
-        need_dx, need_w, need_b = ctx.needs_input_grad[:3]
+        x, weight, mean, invstd, r, d, need_dx, need_w, need_b = saved_norm_context(ctx)
         w_eff = r if weight is None else cast_like(weight, r.dtype) * r
         dx, sum_dy, sum_dy_xhat = bn_backward(dy, x, 1, mean.view(1, -1), invstd.view(1, -1), w_eff, True,
                                               need_dx, need_w)

@@ -76,6 +76,22 @@ def cast_like(t: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.T
     return None if t is None else (t if t.dtype == dtype else t.to(dtype))
 
 
+def save_norm_context(ctx, x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                      *stats: torch.Tensor) -> None:
+    """In an autograd ``forward``: keep what the hand-derived backward needs, i.e. ``x``, ``weight`` and the
+    statistics (saved tensors) and the dtype of ``bias`` (``ctx.bias_dtype``; the bias gradient is cast to it).
+    """
+    ctx.bias_dtype = None if bias is None else bias.dtype
+    ctx.save_for_backward(x, weight, *stats)
+
+
+def saved_norm_context(ctx, grad_slots: Sequence[int] = (0, 1, 2)) -> tuple:
+    """In the matching ``backward``: ``(x, weight, *stats, need_dx, need_w, need_b)``, the tensors that
+    :func:`save_norm_context` kept followed by whether the gradients of the input, weight and bias are
+    needed (``grad_slots``: the positions of those three among ``forward``'s arguments)."""
+    return tuple(ctx.saved_tensors) + tuple(ctx.needs_input_grad[i] for i in grad_slots)
+
+
 @torch.no_grad()
 def update_running_stats(running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
                          batch_mean: torch.Tensor, batch_var_biased: torch.Tensor, count: int,

@@ -22,7 +22,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _checks
-from ._common import cast_like, check_input, check_param, compute_dtype
+from ._common import cast_like, check_input, check_param, compute_dtype, save_norm_context, saved_norm_context
 
 __all__ = ["group_norm"]
 
@@ -110,15 +110,13 @@ class GroupNormFunction(torch.autograd.Function):
         y, mean, var = gn_forward(x, G, weight, bias, eps)
         invstd = torch.rsqrt(var + eps)
         ctx.G = G
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, mean, invstd)
+        save_norm_context(ctx, x, weight, bias, mean, invstd)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, mean, invstd = ctx.saved_tensors
-        need_dx, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        x, weight, mean, invstd, need_dx, need_w, need_b = saved_norm_context(ctx, grad_slots=(0, 2, 3))
         dx, dw, db = gn_backward(dy, x, ctx.G, mean, invstd, weight, need_dx, need_w, need_b)
         return dx, None, dw, cast_like(db, ctx.bias_dtype) if need_b else None, None
 

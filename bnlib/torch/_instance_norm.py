@@ -14,7 +14,8 @@ from torch.autograd.function import once_differentiable
 
 from .. import _checks
 from ._batch_norm import BatchNormFunction
-from ._common import cast_like, check_input, check_param, update_running_stats
+from ._common import (cast_like, check_input, check_param, save_norm_context, saved_norm_context,
+                      update_running_stats)
 from ._group_norm import gn_backward, gn_forward
 
 __all__ = ["instance_norm"]
@@ -30,15 +31,13 @@ class InstanceNormFunction(torch.autograd.Function):
             # batch average of the per-instance mean and (unbiased, applied inside) variance
             update_running_stats(running_mean, running_var, mean.mean(0), var.mean(0), spatial, momentum)
         invstd = torch.rsqrt(var + eps)
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, mean, invstd)
+        save_norm_context(ctx, x, weight, bias, mean, invstd)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, mean, invstd = ctx.saved_tensors
-        need_dx, need_w, need_b = ctx.needs_input_grad[:3]
+        x, weight, mean, invstd, need_dx, need_w, need_b = saved_norm_context(ctx)
         dx, dw, db = gn_backward(dy, x, x.shape[1], mean, invstd, weight, need_dx, need_w, need_b)
         return dx, dw, cast_like(db, ctx.bias_dtype) if need_b else None, None, None, None, None
 

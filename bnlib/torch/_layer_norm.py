@@ -22,7 +22,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _checks
-from ._common import cast_like, check_input, check_param, compute_dtype
+from ._common import cast_like, check_input, check_param, compute_dtype, save_norm_context, saved_norm_context
 
 __all__ = ["layer_norm"]
 
@@ -46,15 +46,13 @@ class LayerNormFunction(torch.autograd.Function):
         if bias is not None:
             buf.add_(cast_like(bias, cd))
         ctx.D, ctx.K = D, K
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, mean, invstd)
+        save_norm_context(ctx, x, weight, bias, mean, invstd)
         return buf if buf.dtype == x.dtype else buf.to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, mean, invstd = ctx.saved_tensors
-        need_dx, need_w, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[2], ctx.needs_input_grad[3]
+        x, weight, mean, invstd, need_dx, need_w, need_b = saved_norm_context(ctx, grad_slots=(0, 2, 3))
         cd = mean.dtype
         D, K = ctx.D, ctx.K
         dims = tuple(range(-D, 0))

@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _checks
 from ._batch_norm import BatchNormFunction, bn_backward, bn_train_forward, check_batch_norm_args
-from ._common import cast_like, update_running_stats
+from ._common import cast_like, save_norm_context, saved_norm_context, update_running_stats
 from .modules import _BatchNorm, _NormBase, _check_ndim
 
 __all__ = ["ghost_batch_norm", "GhostBatchNorm1d", "GhostBatchNorm2d"]
@@ -38,15 +38,13 @@ class GhostBatchNormFunction(torch.autograd.Function):
                 update_running_stats(running_mean, running_var, mean[i], var[i], count, momenta[i])
         invstd = torch.rsqrt(var + eps)
         ctx.k = k
-        ctx.bias_dtype = None if bias is None else bias.dtype
-        ctx.save_for_backward(x, weight, mean, invstd)
+        save_norm_context(ctx, x, weight, bias, mean, invstd)
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, weight, mean, invstd = ctx.saved_tensors
-        need_dx, need_w, need_b = ctx.needs_input_grad[:3]
+        x, weight, mean, invstd, need_dx, need_w, need_b = saved_norm_context(ctx)
         w = cast_like(weight, mean.dtype)
         dx, sum_dy, sum_dy_xhat = bn_backward(dy, x, ctx.k, mean, invstd, w, True, need_dx, need_w)
         dw = cast_like(sum_dy_xhat.sum(0), weight.dtype) if need_w else None
