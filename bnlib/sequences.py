@@ -1,0 +1,294 @@
+r"""Normalization in recurrent models (chapter 8): a small RNN with a pluggable per-time-step normalization.
+
+The cell normalizes the summed pre-activation of a tanh RNN (as layer-normalized RNNs do, Ba et al. 2016):
+
+.. math::
+    h_t = \tanh\big(\mathrm{N}_t(W_x x_t + W_h h_{t-1})\big), \qquad \text{logits} = W_o h_{T} + b_o ,
+
+where ``N_t`` is one of
+
+=============  =============================================================================================
+``none``       a learned bias only
+``bn``         batch norm with **separate statistics per time step** (Cooijmans et al. 2016, "recurrent
+               batch normalization") and one shared gamma/beta: :class:`TimeStepNorm`
+``bn_shared``  one :class:`bnlib.torch.BatchNorm1d` called at every step: it normalizes each step with that
+               step's batch statistics in training, but its running average mixes all steps
+``bln``        batch-layer norm (Ziaee & Cano 2022) with separate statistics per time step
+``ln``         :class:`bnlib.torch.LayerNorm` (per example, so no statistics to keep)
+=============  =============================================================================================
+
+Time steps at or beyond ``max_steps`` have no statistics of their own: :class:`TimeStepNorm` uses those of
+the last step it has (``beyond='last'``, Cooijmans et al.'s choice) or raises (``beyond='error'``).
+
+Sequences of different lengths: ``forward(x, lengths)`` reads sequence ``i`` for ``lengths[i]`` steps only
+(the rest of ``x`` is padding) and classifies from its last valid hidden state; at step ``t`` the
+normalization sees only the sequences still running (no padding enters the batch statistics).
+
+Data helpers: :func:`rows_as_sequence` (MNIST images read row by row, optionally with blank rows added before
+or after the digit) and :func:`train_sequence_model`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["SEQ_NORMS", "TimeStepNorm", "NormRNN", "rows_as_sequence", "pad_rows", "train_sequence_model",
+           "sequence_accuracy"]
+
+SEQ_NORMS = ("none", "bn", "bn_shared", "bln", "ln")
+
+
+def _bt():
+    from . import torch as bt
+
+    return bt
+
+
+def _check_pos_int(name: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
+    return value
+
+
+class TimeStepNorm(nn.Module):
+    """A batch-statistics normalization with separate running statistics for each time step and one shared
+    affine ``(weight, bias)``.
+
+    ``kind='bn'`` uses :class:`bnlib.torch.BatchNorm1d`, ``kind='bln'`` :class:`bnlib.torch.BatchLayerNorm`
+    (both without their own affine) for each of the ``max_steps`` steps. ``forward(x, t)`` normalizes the
+    ``(N, C)`` input ``x`` of step ``t``. For ``t >= max_steps``: in evaluation, ``beyond='last'`` uses the
+    statistics of step ``max_steps - 1`` and ``beyond='error'`` raises; in training it always raises (the
+    statistics of step ``max_steps - 1`` would be overwritten by those of later steps).
+    """
+
+    def __init__(self, num_features: int, max_steps: int, *, kind: str = "bn", beyond: str = "last",
+                 min_batch: int = 2, **norm_kwargs) -> None:
+        super().__init__()
+        _check_pos_int("num_features", num_features)
+        _check_pos_int("max_steps", max_steps)
+        if kind not in ("bn", "bln"):
+            raise ValueError(f"kind: expected 'bn' or 'bln', got {kind!r}")
+        if beyond not in ("last", "error"):
+            raise ValueError(f"beyond: expected 'last' or 'error', got {beyond!r}")
+        if isinstance(min_batch, bool) or not isinstance(min_batch, int) or min_batch < 2:
+            raise ValueError(f"min_batch: expected an int >= 2, got {min_batch!r}")
+        if "affine" in norm_kwargs:
+            raise ValueError("affine: TimeStepNorm has one shared affine; do not pass affine")
+        bt = _bt()
+        cls = bt.BatchNorm1d if kind == "bn" else bt.BatchLayerNorm
+        self.kind, self.max_steps, self.beyond, self.num_features = kind, max_steps, beyond, num_features
+        self.min_batch = min_batch
+        self.fallbacks = 0
+        self.norms = nn.ModuleList(cls(num_features, affine=False, **norm_kwargs) for _ in range(max_steps))
+        self.weight = nn.Parameter(torch.ones(num_features))
+        self.bias = nn.Parameter(torch.zeros(num_features))
+
+    def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise ValueError(f"t: expected a non-negative int time step, got {t!r}")
+        if t >= self.max_steps:
+            if self.training:
+                raise ValueError(f"t: step {t} is beyond the {self.max_steps} steps this layer keeps statistics "
+                                 "for; training on longer sequences needs a larger max_steps")
+            if self.beyond == "error":
+                raise ValueError(f"t: step {t} is beyond the {self.max_steps} steps this layer has statistics "
+                                 "for (beyond='error')")
+            t = self.max_steps - 1
+        norm = self.norms[t]
+        if self.training and x.shape[0] < self.min_batch:
+            self.fallbacks += 1
+            norm.eval()
+            try:
+                out = norm(x)
+            finally:
+                norm.train()
+        else:
+            out = norm(x)
+        return out * self.weight + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.num_features}, max_steps={self.max_steps}, kind={self.kind!r}, beyond={self.beyond!r}"
+
+
+class NormRNN(nn.Module):
+    """A tanh RNN classifier ``h_t = tanh(N_t(W_x x_t + W_h h_{t-1}))`` with the normalization ``norm`` (one
+    of :data:`SEQ_NORMS`), reading ``(N, T, input_size)`` sequences.
+
+    ``max_steps`` is how many per-step statistics 'bn'/'bln' keep (the training length). ``batch_size``
+    fixes BLN's ``m`` (its mixing weights) at the training batch size, also at inference, as the authors'
+    code does. ``W_h`` starts orthogonal, ``W_x`` with PyTorch's Linear default.
+    """
+
+    def __init__(self, input_size: int = 28, hidden_size: int = 64, num_classes: int = 10, *,
+                 norm: str = "none", max_steps: int = 28, batch_size: Optional[int] = None,
+                 beyond: str = "last", **norm_kwargs) -> None:
+        super().__init__()
+        for name, v in (("input_size", input_size), ("hidden_size", hidden_size), ("num_classes", num_classes),
+                        ("max_steps", max_steps)):
+            _check_pos_int(name, v)
+        if norm not in SEQ_NORMS:
+            raise ValueError(f"norm: expected one of {SEQ_NORMS}, got {norm!r}")
+        bt = _bt()
+        self.norm_kind, self.input_size, self.hidden_size = norm, input_size, hidden_size
+        self.w_x = nn.Linear(input_size, hidden_size)  # its bias keeps blank (all-zero) rows from giving a
+        # constant pre-activation, whose layer-norm gradient would be 1/sqrt(eps) per step
+        self.w_h = nn.Linear(hidden_size, hidden_size, bias=False)
+        nn.init.orthogonal_(self.w_h.weight)
+        self.bias = None
+        if norm == "none":
+            self.norm = None
+            self.bias = nn.Parameter(torch.zeros(hidden_size))
+        elif norm == "bn":
+            self.norm = TimeStepNorm(hidden_size, max_steps, kind="bn", beyond=beyond, **norm_kwargs)
+        elif norm == "bln":
+            if batch_size is not None:
+                norm_kwargs = {**norm_kwargs, "batch_size": batch_size}
+            self.norm = TimeStepNorm(hidden_size, max_steps, kind="bln", beyond=beyond, **norm_kwargs)
+        elif norm == "bn_shared":
+            self.norm = bt.BatchNorm1d(hidden_size, **norm_kwargs)
+        else:  # ln
+            self.norm = bt.LayerNorm(hidden_size, **norm_kwargs)
+        self.head = nn.Linear(hidden_size, num_classes)
+
+    def _normalize(self, pre: torch.Tensor, t: int) -> torch.Tensor:
+        if self.norm is None:
+            return pre + self.bias
+        if isinstance(self.norm, TimeStepNorm):
+            return self.norm(pre, t)
+        return self.norm(pre)
+
+    def hidden_states(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The final hidden state of each sequence, ``(N, hidden_size)``."""
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[2] != self.input_size:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"x: expected (N, T, {self.input_size}) sequences, got {shape}")
+        n, steps, _ = x.shape
+        if lengths is not None:
+            lengths = torch.as_tensor(lengths, device=x.device)
+            if lengths.dtype.is_floating_point or lengths.shape != (n,):
+                raise ValueError(f"lengths: expected {n} integer lengths, got shape {tuple(lengths.shape)}")
+            if len(lengths) and (int(lengths.min()) < 1 or int(lengths.max()) > steps):
+                raise ValueError(f"lengths: expected values in [1, {steps}], got min {int(lengths.min())} "
+                                 f"and max {int(lengths.max())}")
+            if bool((lengths == steps).all()):
+                lengths = None
+        h = x.new_zeros(n, self.hidden_size)
+        inputs = self.w_x(x)  # (N, T, H) for all steps at once
+        for t in range(steps):
+            if lengths is None:
+                h = torch.tanh(self._normalize(inputs[:, t] + self.w_h(h), t))
+                continue
+            active = torch.nonzero(lengths > t).flatten()
+            if len(active) == 0:
+                break
+            pre = inputs[active, t] + self.w_h(h[active])
+            h = h.index_copy(0, active, torch.tanh(self._normalize(pre, t)))
+        return h
+
+    def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.head(self.hidden_states(x, lengths))
+
+
+def rows_as_sequence(images: torch.Tensor, *, blank_before: int = 0, blank_after: int = 0) -> torch.Tensor:
+    """``(N, H, W)`` (or ``(N, 1, H, W)``) images as ``(N, T, W)`` sequences of rows, with ``blank_before``
+    zero rows added above the digit and ``blank_after`` below (a longer sequence, same digit)."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"images: expected a torch.Tensor, got {type(images).__name__}")
+    if images.dim() == 4 and images.shape[1] == 1:
+        images = images[:, 0]
+    if images.dim() != 3:
+        raise ValueError(f"images: expected (N, H, W) or (N, 1, H, W), got shape {tuple(images.shape)}")
+    for name, v in (("blank_before", blank_before), ("blank_after", blank_after)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ValueError(f"{name}: expected a non-negative int, got {v!r}")
+    return F.pad(images, (0, 0, blank_before, blank_after))
+
+
+def pad_rows(images: torch.Tensor, blank_before: torch.Tensor):
+    """A variable-length batch: image ``i`` with ``blank_before[i]`` blank rows above it, right-padded to
+    the longest; returns ``(sequences (N, T, W), lengths (N,))``."""
+    blank_before = torch.as_tensor(blank_before, dtype=torch.long)
+    if images.dim() == 4 and images.shape[1] == 1:
+        images = images[:, 0]
+    if images.dim() != 3 or blank_before.shape != (len(images),):
+        raise ValueError(f"images, blank_before: expected (N, H, W) images and N counts, got "
+                         f"{tuple(images.shape)} and {tuple(blank_before.shape)}")
+    if len(blank_before) and int(blank_before.min()) < 0:
+        raise ValueError("blank_before: expected non-negative counts")
+    n, rows, width = images.shape
+    lengths = blank_before + rows
+    total = int(lengths.max()) if n else rows
+    out = images.new_zeros(n, total, width)
+    for i in range(n):
+        b = int(blank_before[i])
+        out[i, b: b + rows] = images[i]
+    return out, lengths.to(images.device)
+
+
+def train_sequence_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch_size: int,
+                         lengths: Optional[torch.Tensor] = None, lr: float = 1e-2, seed: int = 0, clip: float = 1.0, progress: bool = False,
+                         desc: str = "train", callback: Optional[Callable] = None):
+    """Adam on cross-entropy for ``steps`` mini-batches of ``(N, T, F)`` sequences (of ``lengths``, when
+    given: a variable-length data set, padded), with gradient-norm clipping at ``clip``; batches from a seeded
+    permutation, reshuffled each epoch. Returns the list of training losses."""
+    _check_pos_int("steps", steps)
+    _check_pos_int("batch_size", batch_size)
+    if batch_size > len(x):
+        raise ValueError(f"batch_size: expected at most the {len(x)} training sequences, got {batch_size}")
+    if len(x) != len(y):
+        raise ValueError(f"y: expected {len(x)} labels to match x, got {len(y)}")
+    if lengths is not None and len(lengths) != len(x):
+        raise ValueError(f"lengths: expected {len(x)} lengths to match x, got {len(lengths)}")
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    order, pos, losses = torch.randperm(len(x), generator=gen), 0, []
+    model.train()
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=desc, leave=False)
+    for step in range(1, steps + 1):
+        if pos + batch_size > len(x):
+            order, pos = torch.randperm(len(x), generator=gen), 0
+        idx = order[pos: pos + batch_size].to(x.device)
+        pos += batch_size
+        loss = F.cross_entropy(model(x[idx], None if lengths is None else lengths[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip:
+            nn.utils.clip_grad_norm_(model.parameters(), clip)
+        opt.step()
+        losses.append(loss.item())
+        if callback is not None:
+            callback(step, model)
+        if bar is not None:
+            bar.update(1)
+        if not math.isfinite(losses[-1]):
+            break
+    if bar is not None:
+        bar.close()
+    return losses
+
+
+@torch.no_grad()
+def sequence_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, lengths=None, *,
+                      batch_size: int = 500) -> float:
+    """Eval-mode accuracy of ``model`` on ``(N, T, F)`` sequences (optionally with ``lengths``); the model's
+    mode is restored afterwards."""
+    if len(x) != len(y):
+        raise ValueError(f"y: expected {len(x)} labels to match x, got {len(y)}")
+    was = model.training
+    model.eval()
+    correct = 0
+    try:
+        for i in range(0, len(x), batch_size):
+            ln = None if lengths is None else lengths[i: i + batch_size]
+            correct += (model(x[i: i + batch_size], ln).argmax(1) == y[i: i + batch_size]).sum().item()
+    finally:
+        model.train(was)
+    return correct / len(x)

@@ -1,0 +1,143 @@
+"""Tests of bnlib.sequences: per-time-step normalization, the RNN with variable lengths, data helpers."""
+import pytest
+import torch
+
+import bnlib.torch as bt
+from bnlib import sequences as S
+
+
+def test_time_step_norm_keeps_separate_statistics():
+    torch.manual_seed(0)
+    layer = S.TimeStepNorm(3, max_steps=2, momentum=1.0)
+    a = torch.randn(8, 3) * 2 + 5
+    b = torch.randn(8, 3) - 4
+    out_a = layer(a, 0)
+    layer(b, 1)
+    torch.testing.assert_close(layer.norms[0].running_mean, a.mean(0))
+    torch.testing.assert_close(layer.norms[1].running_mean, b.mean(0))
+    # shared affine, batch statistics in training
+    torch.testing.assert_close(out_a, (a - a.mean(0)) / torch.sqrt(a.var(0, unbiased=False) + 1e-5))
+    layer.eval()
+    # beyond the last step: the last step's statistics (beyond='last')
+    torch.testing.assert_close(layer(b, 5), layer(b, 1))
+    assert set(n for n, _ in layer.named_parameters()) == {"weight", "bias"}
+
+
+def test_time_step_norm_errors_and_fallback():
+    layer = S.TimeStepNorm(3, max_steps=2, beyond="error")
+    with pytest.raises(ValueError, match="beyond"):
+        layer(torch.randn(4, 3), 2)  # training: always an error
+    layer.eval()
+    with pytest.raises(ValueError, match="beyond='error'"):
+        layer(torch.randn(4, 3), 2)
+    with pytest.raises(ValueError, match="t:"):
+        layer(torch.randn(4, 3), -1)
+    for kwargs, match in (({"kind": "gn"}, "kind"), ({"beyond": "wrap"}, "beyond"), ({"min_batch": 1}, "min_batch"),
+                          ({"affine": False}, "affine")):
+        with pytest.raises(ValueError, match=match):
+            S.TimeStepNorm(3, 2, **kwargs)
+    # one sequence left in training: running statistics instead of an error
+    layer = S.TimeStepNorm(3, max_steps=2)
+    x = torch.randn(1, 3)
+    out = layer(x, 0)
+    torch.testing.assert_close(out, x / torch.sqrt(torch.tensor(1 + 1e-5)))
+    assert layer.fallbacks == 1 and layer.norms[0].training
+    assert int(layer.norms[0].num_batches_tracked) == 0
+
+
+def test_time_step_norm_bln():
+    layer = S.TimeStepNorm(4, max_steps=3, kind="bln", batch_size=8)
+    assert isinstance(layer.norms[0], bt.BatchLayerNorm) and layer.norms[0].batch_size == 8
+    assert layer(torch.randn(8, 4), 2).shape == (8, 4)
+
+
+@pytest.mark.parametrize("norm", S.SEQ_NORMS)
+def test_norm_rnn_shapes_and_backward(norm):
+    torch.manual_seed(0)
+    model = S.NormRNN(input_size=5, hidden_size=6, num_classes=3, norm=norm, max_steps=4, batch_size=8)
+    x = torch.randn(8, 4, 5)
+    out = model(x)
+    assert out.shape == (8, 3)
+    out.sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    model.eval()
+    assert model(torch.randn(2, 7, 5)).shape == (2, 3)  # longer than max_steps at evaluation
+
+
+@pytest.mark.parametrize("norm", ["none", "ln", "bn", "bln", "bn_shared"])
+def test_variable_lengths_equal_separate_runs_in_eval(norm):
+    """In eval mode a padded batch with lengths gives each sequence the result of running it alone."""
+    torch.manual_seed(1)
+    model = S.NormRNN(input_size=4, hidden_size=5, num_classes=3, norm=norm, max_steps=6, batch_size=4)
+    model(torch.randn(16, 6, 4))  # non-trivial running statistics
+    model.eval()
+    lengths = torch.tensor([6, 3, 1, 5])
+    x = torch.randn(4, 6, 4)
+    padded = x.clone()
+    for i, n in enumerate(lengths):
+        padded[i, n:] = 100.0  # garbage padding must not matter
+    out = model(padded, lengths)
+    for i, n in enumerate(lengths):
+        torch.testing.assert_close(out[i], model(x[i: i + 1, :n])[0], atol=1e-5, rtol=1e-5)
+
+
+def test_variable_lengths_exclude_padding_from_batch_statistics():
+    torch.manual_seed(2)
+    model = S.NormRNN(input_size=3, hidden_size=4, num_classes=2, norm="bn", max_steps=5)
+    x = torch.randn(6, 5, 3)
+    lengths = torch.tensor([5, 5, 5, 3, 3, 2])
+    a = model(x, lengths)
+    x2 = x.clone()
+    x2[3:, 3:] = 50.0  # change only the padding
+    b = model(x2, lengths)
+    torch.testing.assert_close(a, b)
+
+
+def test_norm_rnn_bad_input():
+    with pytest.raises(ValueError, match="norm"):
+        S.NormRNN(norm="gn")
+    model = S.NormRNN(input_size=4, hidden_size=5, max_steps=3)
+    with pytest.raises(ValueError, match="x:"):
+        model(torch.randn(2, 3, 5))
+    with pytest.raises(ValueError, match="lengths"):
+        model(torch.randn(2, 3, 4), torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="lengths"):
+        model(torch.randn(2, 3, 4), torch.tensor([1.0, 3.0]))
+
+
+def test_rows_and_padding_helpers():
+    imgs = torch.rand(3, 28, 28)
+    seq = S.rows_as_sequence(imgs, blank_before=2, blank_after=1)
+    assert seq.shape == (3, 31, 28)
+    assert torch.equal(seq[:, 2:30], imgs) and seq[:, :2].abs().sum() == 0 and seq[:, 30].abs().sum() == 0
+    assert S.rows_as_sequence(imgs.unsqueeze(1)).shape == (3, 28, 28)
+    padded, lengths = S.pad_rows(imgs, torch.tensor([0, 4, 2]))
+    assert padded.shape == (3, 32, 28) and lengths.tolist() == [28, 32, 30]
+    assert torch.equal(padded[1, 4:], imgs[1]) and torch.equal(padded[2, 2:30], imgs[2])
+    assert padded[0, 28:].abs().sum() == 0
+    with pytest.raises(ValueError, match="blank_before"):
+        S.rows_as_sequence(imgs, blank_before=-1)
+    with pytest.raises(ValueError, match="blank_before"):
+        S.pad_rows(imgs, torch.tensor([0, 1]))
+
+
+def test_train_sequence_model_learns_and_is_seeded():
+    torch.manual_seed(0)
+    x = torch.randn(64, 5, 3)
+    y = (x[:, :, 0].sum(1) > 0).long()
+
+    def run():
+        torch.manual_seed(3)
+        model = S.NormRNN(input_size=3, hidden_size=8, num_classes=2, norm="ln", max_steps=5)
+        losses = S.train_sequence_model(model, x, y, steps=60, batch_size=16, lr=0.02)
+        return model, losses
+
+    model, losses = run()
+    _, again = run()
+    assert losses == again
+    assert sum(losses[-10:]) / 10 < sum(losses[:10]) / 10
+    assert S.sequence_accuracy(model, x, y) > 0.7
+    with pytest.raises(ValueError, match="lengths"):
+        S.train_sequence_model(model, x, y, steps=1, batch_size=4, lengths=torch.ones(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="batch_size"):
+        S.train_sequence_model(model, x, y, steps=1, batch_size=65)
