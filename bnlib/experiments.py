@@ -174,3 +174,93 @@ def steps_to_accuracy(history: History, target: float) -> Optional[int]:
         if acc >= target:
             return step
     return None
+
+
+# --------------------------------------------------------------------------------------------------------
+# Sweeps and seed spreads (added for chapter 4; reusable by any chapter)
+# --------------------------------------------------------------------------------------------------------
+
+def sweep(fn: Callable, grid: dict, *, progress: bool = True, desc: str = "sweep") -> list:
+    """Call ``fn(**point)`` at every point of the Cartesian product of ``grid`` (name -> list of values).
+
+    Points are visited in ``itertools.product`` order (the last name varies fastest). Returns one record per
+    point, ``{**point, 'result': fn(**point)}``. ``progress`` shows a ``tqdm.auto`` bar over the points.
+
+    >>> sweep(lambda a, b: a * b, {"a": [1, 2], "b": [10, 20]}, progress=False)[-1]
+    {'a': 2, 'b': 20, 'result': 40}
+    """
+    import itertools
+
+    if not callable(fn):
+        raise TypeError(f"fn: expected a callable, got {type(fn).__name__}")
+    if not isinstance(grid, dict) or not grid:
+        raise ValueError(f"grid: expected a non-empty dict of name -> list of values, got {grid!r}")
+    values = []
+    for name, options in grid.items():
+        if isinstance(options, (str, bytes)) or not hasattr(options, "__iter__"):
+            raise ValueError(f"grid[{name!r}]: expected a list of values, got {options!r}")
+        options = list(options)
+        if not options:
+            raise ValueError(f"grid[{name!r}]: expected at least one value, got an empty list")
+        values.append(options)
+    names = list(grid)
+    points = [dict(zip(names, combo)) for combo in itertools.product(*values)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(points), desc=desc, leave=False)
+    records = []
+    try:
+        for point in points:
+            records.append({**point, "result": fn(**point)})
+            if bar is not None:
+                bar.update(1)
+    finally:
+        if bar is not None:
+            bar.close()
+    return records
+
+
+@dataclass(frozen=True)
+class Spread:
+    """The spread of one measurement over seeds: median, min, max, and how many runs gave no value."""
+
+    median: float
+    low: float
+    high: float
+    n: int
+    missing: int  # runs that gave None (e.g. never reached the target); counted as +inf above
+
+    def __str__(self) -> str:
+        def fmt(v):
+            return "not reached" if math.isinf(v) else f"{v:g}"
+
+        return f"{fmt(self.median)} [{fmt(self.low)}, {fmt(self.high)}] (n={self.n})"
+
+
+def spread(values) -> Spread:
+    """Median, minimum and maximum of ``values`` over seeds; ``None`` (a run that never got a value, such as
+    :func:`steps_to_accuracy` of a run that missed its target) counts as ``+inf``.
+
+    >>> str(spread([400, 300, None]))
+    '400 [300, not reached] (n=3)'
+    """
+    values = list(values)
+    if not values:
+        raise ValueError("values: expected at least one value")
+    arr = []
+    for v in values:
+        if v is None:
+            arr.append(math.inf)
+        elif isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or math.isnan(v):
+            raise ValueError(f"values: expected numbers or None, got {v!r}")
+        else:
+            arr.append(float(v))
+    arr = np.sort(np.asarray(arr))
+    k = len(arr)
+    median = float(arr[k // 2]) if k % 2 else float(0.5 * (arr[k // 2 - 1] + arr[k // 2]))
+    return Spread(median, float(arr[0]), float(arr[-1]), k, sum(v is None for v in values))
+
+
+__all__ += ["sweep", "Spread", "spread"]

@@ -1,0 +1,822 @@
+r"""Experiment runners for chapter 4, "Does batch norm make training faster?".
+
+Each function here runs one kind of measurement the chapter reports, on top of the shared training loop
+:func:`bnlib.experiments.train` (so every curve in the chapter comes from the same loop) and the shared models
+of :mod:`bnlib.models` (so every normalization layer comes from :mod:`bnlib.torch`):
+
+=================================  ==========================================================================
+function                           what it measures
+=================================  ==========================================================================
+:func:`run_article_experiment`     the article's Keras experiment (Dense(128, ReLU) -> BN -> Dense(10), Adam,
+                                   10 epochs, 20% validation split), per-epoch losses as Keras reports them
+:func:`sigmoid_mlp`                Ioffe & Szegedy's Figure 1 network (3 x 100 sigmoid), Gaussian init
+:class:`SigmoidInputProbe`         the 15th/50th/85th percentiles of one sigmoid's input during training
+:func:`steps_to_target`            steps until the test accuracy first reaches a target (stops there)
+:func:`lr_sweep`                   :func:`steps_to_target` over learning rates x {no BN, BN} x seeds
+:func:`speedups`                   the speed-ups at each arm's best learning rate and at equal rates
+:func:`init_scale_sweep`           final accuracy vs the standard deviation of the initial weights
+:func:`generalization_gap`         train vs test accuracy/loss of one trained model
+:func:`bn_output_noise`            one fixed example's output when it shares a batch with random others
+:func:`deep_mlp`                   plain or residual ReLU MLPs of any depth, with or without BN
+:func:`gradient_norms`             per-layer weight-gradient norms (at initialization: Yang et al. 2019)
+:func:`depth_sweep`                trainability vs depth for several architectures
+:func:`explorer_run`               the interactive explorer's experiment; :func:`explorer_widget` its UI
+=================================  ==========================================================================
+
+Every function that builds a model takes a ``seed`` and builds the model inside ``torch.random.fork_rng``, so
+results do not depend on (and do not change) the global random state.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .experiments import History, evaluate, sweep, train
+from .models import make_norm, mlp
+
+__all__ = [
+    "init_linear_",
+    "PackedMLP",
+    "evaluate_packed",
+    "train_packed",
+    "sigmoid_mlp",
+    "article_model",
+    "ArticleResult",
+    "validation_split",
+    "run_article_experiment",
+    "SigmoidInputProbe",
+    "TargetRun",
+    "steps_to_target",
+    "lr_sweep",
+    "speedups",
+    "init_scale_sweep",
+    "generalization_gap",
+    "regularization_sweep",
+    "bn_output_noise",
+    "ResidualBlock",
+    "deep_mlp",
+    "gradient_norms",
+    "depth_sweep",
+    "explorer_run",
+    "explorer_widget",
+]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Models and initialization
+# --------------------------------------------------------------------------------------------------------
+
+def _linears(model: nn.Module) -> List[nn.Linear]:
+    return [m for m in model.modules() if isinstance(m, nn.Linear)]
+
+
+def init_linear_(model: nn.Module, init="default", *, seed: int = 0) -> nn.Module:
+    """Re-initialize every ``nn.Linear`` of ``model`` in place and return the model.
+
+    ``init``: a positive float ``s`` (weights ~ N(0, s^2), biases 0: Ioffe & Szegedy's "small random
+    Gaussian values"), ``'he'`` (N(0, 2/fan_in), biases 0: He et al. 2015, for ReLU), ``'glorot'``
+    (U(-a, a) with a = sqrt(6/(fan_in + fan_out)), biases 0: Keras' default for Dense), or ``'default'``
+    (leave PyTorch's initialization). The weights are drawn from a ``torch.Generator`` seeded with ``seed``.
+    """
+    if isinstance(init, str):
+        if init not in ("default", "he", "glorot"):
+            raise ValueError(f"init: expected a positive float, 'he', 'glorot' or 'default', got {init!r}")
+    elif isinstance(init, bool) or not isinstance(init, (int, float)) or not (init > 0 and math.isfinite(init)):
+        raise ValueError(f"init: expected a positive float, 'he', 'glorot' or 'default', got {init!r}")
+    if init == "default":
+        return model
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for lin in _linears(model):
+            fan_out, fan_in = lin.weight.shape
+            if init == "glorot":
+                a = math.sqrt(6.0 / (fan_in + fan_out))
+                w = (torch.rand(lin.weight.shape, generator=gen) * 2 - 1) * a
+            else:
+                std = math.sqrt(2.0 / fan_in) if init == "he" else float(init)
+                w = torch.randn(lin.weight.shape, generator=gen) * std
+            lin.weight.copy_(w.to(lin.weight))
+            if lin.bias is not None:
+                lin.bias.zero_()
+    return model
+
+
+def sigmoid_mlp(norm: str = "none", *, hidden=(100, 100, 100), init=0.05, seed: int = 0, dropout: float = 0.0,
+                device=None, **norm_kwargs) -> nn.Sequential:
+    """Ioffe & Szegedy's Figure 1 network: 784 -> ``hidden`` sigmoid layers -> 10 logits.
+
+    ``norm='bn'`` puts a ``bnlib.torch.BatchNorm1d`` before every sigmoid (their eq. (6), the article's
+    eq. (6)). Weights are initialized by :func:`init_linear_` with ``init`` (default N(0, 0.05^2)).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = mlp(784, tuple(hidden), 10, activation="sigmoid", norm=norm, dropout=dropout, **norm_kwargs)
+    return init_linear_(model, init, seed=seed).to(device)
+
+
+def article_model(use_bn: bool, *, momentum: float = 0.01, eps: float = 1e-3, dropout: float = 0.0,
+                  init="glorot", seed: int = 0, device=None) -> nn.Sequential:
+    """The article's network: Flatten -> Dense(128, ReLU) -> [BatchNorm] -> Dense(10).
+
+    The BN layer sits after the ReLU, where the article's text puts it. Its defaults are Keras':
+    ``momentum=0.01`` in PyTorch's convention is Keras' ``momentum=0.99``, ``eps=1e-3``. The softmax of
+    Keras' ``Dense(10, activation='softmax')`` is folded into the cross-entropy (the model returns logits).
+    Weights: Glorot-uniform with zero biases, like Keras' Dense.
+    """
+    norm_kwargs = {"momentum": momentum, "eps": eps} if use_bn else {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = mlp(784, (128,), 10, activation="relu", norm="bn" if use_bn else "none", norm_position="after",
+                    dropout=dropout, **norm_kwargs)
+    return init_linear_(model, init, seed=seed).to(device)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Packed training: k seeds of one MLP in one pass
+# --------------------------------------------------------------------------------------------------------
+
+class _PackedLinear(nn.Module):
+    """k Linear layers with the same shape: weight (k, out, in), bias (k, out); input (k, B, in)."""
+
+    def __init__(self, linears: Sequence[nn.Linear]):
+        super().__init__()
+        self.weight = nn.Parameter(torch.stack([lin.weight.detach() for lin in linears]).clone())
+        self.bias = None
+        if linears[0].bias is not None:
+            self.bias = nn.Parameter(torch.stack([lin.bias.detach() for lin in linears]).clone())
+
+    def forward(self, x):
+        if self.bias is None:
+            return torch.bmm(x, self.weight.transpose(1, 2))
+        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
+
+
+class _PackedNorm(nn.Module):
+    """k copies of a BatchNorm1d(C) as one layer of the same class with k * C features: each feature keeps
+    its own batch statistics, so no statistic mixes two networks."""
+
+    def __init__(self, norms: Sequence[nn.Module]):
+        super().__init__()
+        first = norms[0]
+        self.k, self.C = len(norms), first.num_features
+        self.norm = type(first)(self.k * self.C, eps=first.eps, momentum=first.momentum)
+        with torch.no_grad():
+            for name in ("weight", "bias", "running_mean", "running_var"):
+                dst, parts = getattr(self.norm, name, None), [getattr(n, name, None) for n in norms]
+                if dst is not None and all(p is not None for p in parts):
+                    dst.copy_(torch.cat([p.detach() for p in parts]))
+        self.norm.to(first.weight.device if getattr(first, "weight", None) is not None else "cpu")
+
+    def forward(self, x):  # (k, B, C) -> (B, k * C) -> BN -> (k, B, C)
+        k, B, C = x.shape
+        y = self.norm(x.transpose(0, 1).reshape(B, k * C))
+        return y.reshape(B, k, C).transpose(0, 1)
+
+
+def _is_batchnorm1d(m: nn.Module) -> bool:
+    return type(m).__name__ == "BatchNorm1d" and hasattr(m, "running_mean")
+
+
+class PackedMLP(nn.Module):
+    """``k`` MLPs of the same architecture (built by :func:`bnlib.models.mlp`, e.g. with different seeds)
+    trained side by side as one network.
+
+    Linear layers become batched matrix products, each ``BatchNorm1d(C)`` one layer of the same (bnlib)
+    class with ``k * C`` features, activations and dropout act elementwise. The forward pass takes
+    ``(k, B, ...)`` (network ``j`` sees its own batch ``x[j]``) and returns ``(k, B, classes)``. Because no
+    operation mixes the networks and SGD and Adam update every parameter elementwise, training the pack with
+    the *sum* of the ``k`` mean losses gives each network exactly its own gradient: the same run as ``k``
+    separate ones (up to float rounding), at little more than the cost of one on a CPU, where tiny layers
+    cost their per-call overhead. :meth:`unpack` returns network ``j`` as an ordinary ``nn.Sequential``.
+    """
+
+    _ELEMENTWISE = (nn.Sigmoid, nn.ReLU, nn.Tanh, nn.Dropout, nn.Identity)
+
+    def __init__(self, models: Sequence[nn.Sequential]):
+        super().__init__()
+        models = list(models)
+        if not models:
+            raise ValueError("models: expected at least one model")
+        shapes = [[(type(m).__name__, tuple(p.shape for p in m.parameters())) for m in model] for model in models]
+        if any(s != shapes[0] for s in shapes[1:]):
+            raise ValueError("models: expected models with the same architecture and parameter shapes")
+        self.k = len(models)
+        self._template = copy.deepcopy(models[0]).cpu()
+        layers = []
+        for mods in zip(*models):
+            first = mods[0]
+            if isinstance(first, nn.Flatten):
+                layers.append(nn.Flatten(start_dim=2))
+            elif isinstance(first, nn.Linear):
+                layers.append(_PackedLinear(mods))
+            elif _is_batchnorm1d(first):
+                layers.append(_PackedNorm(mods))
+            elif isinstance(first, self._ELEMENTWISE):
+                layers.append(copy.deepcopy(first))
+            else:
+                raise TypeError(f"models: cannot pack a {type(first).__name__} layer; expected Flatten, Linear, "
+                                "BatchNorm1d, Sigmoid, ReLU, Tanh or Dropout")
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] != self.k:
+            raise ValueError(f"x: expected a leading dimension of {self.k} (one batch per network), "
+                             f"got shape {tuple(x.shape)}")
+        return self.layers(x)
+
+    @torch.no_grad()
+    def unpack(self, j: int) -> nn.Sequential:
+        """Network ``j`` as a plain ``nn.Sequential`` (a copy, on the pack's device)."""
+        if not 0 <= j < self.k:
+            raise ValueError(f"j: expected an index in [0, {self.k}), got {j!r}")
+        model = copy.deepcopy(self._template)
+        for dst, src in zip(model, self.layers):
+            if isinstance(dst, nn.Linear):
+                dst.weight.copy_(src.weight[j])
+                if dst.bias is not None:
+                    dst.bias.copy_(src.bias[j])
+            elif _is_batchnorm1d(dst):
+                sl = slice(j * src.C, (j + 1) * src.C)
+                for name in ("weight", "bias", "running_mean", "running_var"):
+                    if getattr(dst, name, None) is not None:
+                        getattr(dst, name).copy_(getattr(src.norm, name)[sl])
+                if getattr(dst, "num_batches_tracked", None) is not None:
+                    dst.num_batches_tracked.copy_(src.norm.num_batches_tracked)
+        model.train(self.training)
+        return model.to(next(self.parameters()).device)
+
+
+@torch.no_grad()
+def evaluate_packed(model: PackedMLP, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000):
+    """(losses, accuracies) of the ``k`` networks on the same data ``(x, y)``, each a list of ``k`` floats, in
+    eval mode (the model's mode is restored)."""
+    was_training = model.training
+    model.eval()
+    loss = torch.zeros(model.k, dtype=torch.float64)
+    correct = torch.zeros(model.k, dtype=torch.float64)
+    for i in range(0, len(x), batch_size):
+        xb, yb = x[i: i + batch_size], y[i: i + batch_size]
+        logits = model(xb.unsqueeze(0).expand(model.k, *xb.shape))  # (k, B, classes)
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.repeat(model.k), reduction="none")
+        loss += ce.view(model.k, -1).sum(1).double().cpu()
+        correct += (logits.argmax(-1) == yb).sum(1).double().cpu()
+    model.train(was_training)
+    return (loss / len(x)).tolist(), (correct / len(x)).tolist()
+
+
+def train_packed(model: PackedMLP, x_train, y_train, *, seeds: Sequence[int], steps: int, batch_size: int,
+                 lr: float, optimizer: str = "sgd", momentum: float = 0.0, x_eval=None, y_eval=None,
+                 eval_every: int = 100, target: Optional[float] = None) -> List[History]:
+    """Train the ``k`` networks of ``model`` as :func:`bnlib.experiments.train` would train each one with
+    ``seed=seeds[j]`` (the same mini-batches, the same optimizer), in one pass per step.
+
+    Returns one :class:`~bnlib.experiments.History` per network. With ``target`` (an accuracy on ``x_eval``),
+    training stops at the first evaluation at which every network has reached it (a network's history then
+    runs on past its own first hit; use :func:`bnlib.experiments.steps_to_accuracy`). A network whose loss
+    becomes non-finite is marked ``diverged`` and its history stops there; the others go on.
+    """
+    from .experiments import make_optimizer
+
+    seeds = list(seeds)
+    if len(seeds) != model.k:
+        raise ValueError(f"seeds: expected {model.k} seeds (one per network), got {len(seeds)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected a positive int, got {steps!r}")
+    n = len(x_train)
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
+        raise ValueError(f"batch_size: expected an int in [1, {n}], got {batch_size!r}")
+    if len(y_train) != n:
+        raise ValueError(f"y_train: expected {n} labels to match x_train, got {len(y_train)}")
+    if (x_eval is None) != (y_eval is None):
+        raise ValueError("x_eval, y_eval: give both or neither")
+    if target is not None and (x_eval is None or not 0.0 < target <= 1.0):
+        raise ValueError(f"target: expected an accuracy in (0, 1] and evaluation data, got {target!r}")
+    opt = make_optimizer(model, optimizer, lr, momentum)
+    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    hists = [History() for _ in seeds]
+    k, device = model.k, x_train.device
+    alive = torch.ones(k, dtype=torch.bool)
+    reached = [False] * k
+
+    def _eval(step):
+        if x_eval is None:
+            return
+        losses, accs = evaluate_packed(model, x_eval, y_eval)
+        for j in range(k):
+            if alive[j]:
+                hists[j].eval_steps.append(step)
+                hists[j].eval_loss.append(losses[j])
+                hists[j].eval_acc.append(accs[j])
+                reached[j] = reached[j] or (target is not None and accs[j] >= target)
+
+    model.train()
+    _eval(0)
+    if target is not None and all(reached):
+        return hists
+    orders, pos = [torch.randperm(n, generator=g) for g in gens], 0
+    step_losses = []
+    for step in range(1, steps + 1):
+        if pos + batch_size > n:
+            orders, pos = [torch.randperm(n, generator=g) for g in gens], 0
+        idx = torch.stack([o[pos: pos + batch_size] for o in orders]).to(device)  # (k, B)
+        pos += batch_size
+        logits = model(x_train[idx])  # (k, B, classes)
+        per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y_train[idx].reshape(-1), reduction="none")
+        per = per.view(k, batch_size).mean(1)
+        opt.zero_grad(set_to_none=True)
+        per.sum().backward()
+        opt.step()
+        values = per.detach().cpu()
+        step_losses.append(values)
+        bad = ~torch.isfinite(values) & alive
+        for j in torch.nonzero(bad).flatten().tolist():
+            hists[j].diverged = True
+        alive &= ~bad
+        if not alive.any():
+            break
+        if step % eval_every == 0 or step == steps:
+            _eval(step)
+            if target is not None and all(reached[j] or not alive[j] for j in range(k)):
+                break
+    losses = torch.stack(step_losses).numpy() if step_losses else np.zeros((0, k))
+    for j, h in enumerate(hists):
+        col = losses[:, j].tolist()
+        if h.diverged:
+            col = col[: int(np.argmax(~np.isfinite(losses[:, j]))) + 1]
+        h.train_loss = col
+    return hists
+
+
+# --------------------------------------------------------------------------------------------------------
+# Section 1: the article's experiment
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class ArticleResult:
+    """Per-epoch numbers as Keras' ``History.history`` reports them."""
+
+    loss: list  # mean training loss over the epoch's mini-batches (BN in training mode)
+    val_loss: list  # validation loss at the end of the epoch (BN in inference mode)
+    val_accuracy: list
+    history: History  # the step-level record from bnlib.experiments.train
+
+
+def validation_split(x: torch.Tensor, y: torch.Tensor, fraction: float = 0.2):
+    """Keras' ``validation_split``: the *last* ``fraction`` of the samples (not shuffled) is held out.
+
+    Returns ``(x_fit, y_fit, x_val, y_val)``.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction: expected a number in (0, 1), got {fraction!r}")
+    if len(x) != len(y):
+        raise ValueError(f"y: expected {len(x)} labels to match x, got {len(y)}")
+    n_fit = int(len(x) * (1.0 - fraction))
+    if n_fit < 1 or n_fit >= len(x):
+        raise ValueError(f"fraction: {fraction} leaves no data on one side of a split of {len(x)} samples")
+    return x[:n_fit], y[:n_fit], x[n_fit:], y[n_fit:]
+
+
+def run_article_experiment(x_train: torch.Tensor, y_train: torch.Tensor, *, use_bn: bool, epochs: int = 10,
+                           batch_size: int = 32, lr: float = 1e-3, validation: float = 0.2, seed: int = 0,
+                           momentum: float = 0.01, eps: float = 1e-3, progress: bool = False) -> ArticleResult:
+    """``model.fit(x_train, y_train, epochs=10, validation_split=0.2)`` of the article, in PyTorch.
+
+    Adam (lr 1e-3, Keras' default), batch size 32 (Keras' default), ``epochs`` passes over the first 80% of
+    ``x_train``; the last 20% is the validation set. An epoch is ``len(fit set) // batch_size`` steps (Keras
+    also runs the final partial batch; with the book's 3,200 or 48,000 fit images there is none).
+    """
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs: expected a positive int, got {epochs!r}")
+    x_fit, y_fit, x_val, y_val = validation_split(x_train, y_train, validation)
+    steps_per_epoch = len(x_fit) // batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch_size: {batch_size} is larger than the {len(x_fit)} training samples")
+    model = article_model(use_bn, momentum=momentum, eps=eps, seed=seed, device=x_train.device)
+    hist = train(model, x_fit, y_fit, steps=epochs * steps_per_epoch, batch_size=batch_size, lr=lr,
+                 optimizer="adam", x_eval=x_val, y_eval=y_val, eval_every=steps_per_epoch, seed=seed,
+                 progress=progress, desc="with BN" if use_bn else "without BN")
+    loss = np.asarray(hist.train_loss, dtype=np.float64)
+    per_epoch = [float(loss[e * steps_per_epoch:(e + 1) * steps_per_epoch].mean()) for e in range(epochs)]
+    return ArticleResult(per_epoch, list(hist.eval_loss[1:]), list(hist.eval_acc[1:]), hist)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Section 2: Ioffe & Szegedy's Figure 1
+# --------------------------------------------------------------------------------------------------------
+
+class SigmoidInputProbe:
+    """A ``callback`` for :func:`bnlib.experiments.train`: percentiles of one sigmoid's input over training.
+
+    Every ``every`` steps (and once by :meth:`record` at step 0, if called) the probe runs a copy of the model
+    on the fixed images ``x_probe`` in training mode (so a BN layer normalizes with the statistics of that
+    probe batch, as it does during training, and the model's running statistics are left alone) and records
+    the ``q`` percentiles of the input to unit ``unit`` of the ``layer``-th ``nn.Sigmoid`` (-1: the last
+    hidden layer).
+    """
+
+    def __init__(self, x_probe: torch.Tensor, *, unit: int = 0, layer: int = -1, every: int = 50,
+                 q: Sequence[float] = (15, 50, 85)):
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every: expected a positive int, got {every!r}")
+        if len(x_probe) < 2:
+            raise ValueError("x_probe: expected at least 2 images (BN needs a batch)")
+        self.x_probe, self.unit, self.layer, self.every = x_probe, unit, layer, every
+        self.q = torch.tensor([float(v) / 100.0 for v in q])
+        self.steps: List[int] = []
+        self.percentiles: List[np.ndarray] = []
+
+    @torch.no_grad()
+    def record(self, step: int, model: nn.Module) -> None:
+        probe = copy.deepcopy(model).train()
+        for m in probe.modules():
+            if isinstance(m, nn.Dropout):
+                m.eval()
+        sigmoids = [m for m in probe.modules() if isinstance(m, nn.Sigmoid)]
+        if not sigmoids:
+            raise ValueError("model: has no nn.Sigmoid to probe")
+        captured = {}
+        handle = sigmoids[self.layer].register_forward_pre_hook(
+            lambda mod, inp: captured.__setitem__("x", inp[0][:, self.unit].detach()))
+        try:
+            probe(self.x_probe)
+        finally:
+            handle.remove()
+        x = captured["x"].float().cpu()
+        self.steps.append(int(step))
+        self.percentiles.append(torch.quantile(x, self.q).numpy())
+
+    def __call__(self, step, model, xb, yb) -> None:
+        if step % self.every == 0:
+            self.record(step, model)
+
+    def as_array(self) -> np.ndarray:
+        """The recorded percentiles, shape ``(len(steps), len(q))``."""
+        return np.stack(self.percentiles) if self.percentiles else np.zeros((0, len(self.q)))
+
+
+# --------------------------------------------------------------------------------------------------------
+# Section 3: learning rates, steps to a target accuracy
+# --------------------------------------------------------------------------------------------------------
+
+@dataclass
+class TargetRun:
+    """What :func:`steps_to_target` measured."""
+
+    steps: Optional[int]  # first evaluation step with accuracy >= target; None if never (or diverged)
+    eval_steps: list = field(default_factory=list)
+    eval_acc: list = field(default_factory=list)
+    diverged: bool = False
+
+    @property
+    def reached(self) -> bool:
+        return self.steps is not None
+
+
+class _TargetReached(Exception):
+    def __init__(self, step):
+        super().__init__(step)
+        self.step = step
+
+
+def steps_to_target(model: nn.Module, x_train, y_train, x_eval, y_eval, *, target: float, max_steps: int,
+                    lr: float, batch_size: int = 60, eval_every: int = 50, seed: int = 0,
+                    optimizer: str = "sgd") -> TargetRun:
+    """Train ``model`` with :func:`bnlib.experiments.train` until its accuracy on ``(x_eval, y_eval)`` first
+    reaches ``target`` (checked every ``eval_every`` steps), or for ``max_steps`` steps.
+
+    The run stops as soon as the target is reached, so fast runs are cheap. Returns a :class:`TargetRun`.
+    """
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target: expected an accuracy in (0, 1], got {target!r}")
+    if not isinstance(eval_every, int) or eval_every < 1:
+        raise ValueError(f"eval_every: expected a positive int, got {eval_every!r}")
+    run = TargetRun(None)
+    acc0 = evaluate(model, x_eval, y_eval)[1]
+    run.eval_steps.append(0)
+    run.eval_acc.append(acc0)
+    if acc0 >= target:
+        run.steps = 0
+        return run
+
+    def check(step, model, xb, yb):
+        if step % eval_every == 0:
+            acc = evaluate(model, x_eval, y_eval)[1]
+            run.eval_steps.append(step)
+            run.eval_acc.append(acc)
+            if acc >= target:
+                raise _TargetReached(step)
+
+    try:
+        hist = train(model, x_train, y_train, steps=max_steps, batch_size=batch_size, lr=lr, optimizer=optimizer,
+                     seed=seed, callback=check)
+    except _TargetReached as done:
+        run.steps = done.step
+        return run
+    run.diverged = hist.diverged
+    return run
+
+
+def lr_sweep(x_train, y_train, x_eval, y_eval, *, lrs: Sequence[float], norms: Sequence[str] = ("none", "bn"),
+             seeds: Sequence[int] = (0, 1, 2), target: float = 0.9, max_steps: int = 2000, batch_size: int = 60,
+             eval_every: int = 50, init=0.05, hidden=(100, 100, 100), pack: bool = True,
+             progress: bool = True) -> List[dict]:
+    """Steps to ``target`` test accuracy for the Figure 1 network (:func:`sigmoid_mlp`) with plain SGD, at
+    every (norm, lr, seed). Each record is ``{'norm', 'lr', 'seed', 'result': TargetRun}``; the model's
+    initial weights and its mini-batch order both come from ``seed``.
+
+    ``pack=True`` trains the seeds of one (norm, lr) together as a :class:`PackedMLP` (the same runs, about
+    ``len(seeds)`` times cheaper on a CPU), until every seed has reached the target or ``max_steps``;
+    ``pack=False`` runs :func:`steps_to_target` once per seed."""
+    seeds = list(seeds)
+
+    def one(norm, lr):
+        models = [sigmoid_mlp(norm, hidden=hidden, init=init, seed=s, device=x_train.device) for s in seeds]
+        if not pack:
+            return [steps_to_target(m, x_train, y_train, x_eval, y_eval, target=target, max_steps=max_steps,
+                                    lr=lr, batch_size=batch_size, eval_every=eval_every, seed=s)
+                    for m, s in zip(models, seeds)]
+        hists = train_packed(PackedMLP(models), x_train, y_train, seeds=seeds, steps=max_steps,
+                             batch_size=batch_size, lr=lr, x_eval=x_eval, y_eval=y_eval, eval_every=eval_every,
+                             target=target)
+        runs = []
+        for h in hists:
+            hit = next((t for t, a in zip(h.eval_steps, h.eval_acc) if a >= target and t % eval_every == 0), None)
+            n = len(h.eval_steps) if hit is None else h.eval_steps.index(hit) + 1
+            runs.append(TargetRun(hit, h.eval_steps[:n], h.eval_acc[:n], h.diverged and hit is None))
+        return runs
+
+    groups = sweep(one, {"norm": list(norms), "lr": list(lrs)}, progress=progress, desc="learning-rate sweep")
+    return [{"norm": g["norm"], "lr": g["lr"], "seed": s, "result": run}
+            for g in groups for s, run in zip(seeds, g["result"])]
+
+
+def _median_steps(records, norm, lr) -> float:
+    vals = [r["result"].steps for r in records if r["norm"] == norm and r["lr"] == lr]
+    if not vals:
+        raise ValueError(f"records: no runs for norm={norm!r}, lr={lr!r}")
+    return float(np.median([math.inf if v is None else v for v in vals]))
+
+
+def speedups(records: List[dict], *, base: str = "none", other: str = "bn") -> dict:
+    """Summarize an :func:`lr_sweep`: the median steps (over seeds; ``inf`` = target not reached) of each arm
+    at each learning rate, each arm's best learning rate (fewest median steps; the smaller rate on a tie),
+    the speed-up ``base_best / other_best`` at the best rates and ``base / other`` at each equal rate."""
+    lrs = sorted({r["lr"] for r in records})
+    med = {arm: {lr: _median_steps(records, arm, lr) for lr in lrs} for arm in (base, other)}
+    best = {arm: min(lrs, key=lambda lr: (med[arm][lr], lr)) for arm in (base, other)}
+    at_best = med[base][best[base]] / med[other][best[other]]
+    equal = {lr: med[base][lr] / med[other][lr] if math.isfinite(med[other][lr]) else math.nan for lr in lrs}
+    return {"lrs": lrs, "median_steps": med, "best_lr": best,
+            "best_steps": {arm: med[arm][best[arm]] for arm in (base, other)},
+            "speedup_at_best": at_best, "speedup_at_equal_lr": equal}
+
+
+# --------------------------------------------------------------------------------------------------------
+# Section 4: initialization scale
+# --------------------------------------------------------------------------------------------------------
+
+def init_scale_sweep(x_train, y_train, x_eval, y_eval, *, scales: Sequence[float],
+                     norms: Sequence[str] = ("none", "bn"), seeds: Sequence[int] = (0,), steps: int = 500,
+                     lr: float = 0.5, batch_size: int = 60, hidden=(100, 100, 100),
+                     progress: bool = True, **norm_kwargs) -> List[dict]:
+    """Train the Figure 1 network from weights ~ N(0, scale^2) for ``steps`` SGD steps at every
+    (norm, scale, seed); each record's ``result`` is the :class:`~bnlib.experiments.History` (its
+    ``final_acc`` is the accuracy on ``(x_eval, y_eval)`` at the end). The seeds of one (norm, scale) are
+    trained together as a :class:`PackedMLP`. ``norm_kwargs`` (e.g. ``eps``) go to the normalization layers."""
+    seeds = list(seeds)
+
+    def one(norm, scale):
+        kw = norm_kwargs if norm != "none" else {}
+        models = [sigmoid_mlp(norm, hidden=hidden, init=scale, seed=s, device=x_train.device, **kw)
+                  for s in seeds]
+        return train_packed(PackedMLP(models), x_train, y_train, seeds=seeds, steps=steps, batch_size=batch_size,
+                            lr=lr, x_eval=x_eval, y_eval=y_eval, eval_every=steps)
+
+    groups = sweep(one, {"norm": list(norms), "scale": list(scales)}, progress=progress,
+                   desc="initialization sweep")
+    return [{"norm": g["norm"], "scale": g["scale"], "seed": s, "result": h}
+            for g in groups for s, h in zip(seeds, g["result"])]
+
+
+# --------------------------------------------------------------------------------------------------------
+# Section 5: regularization
+# --------------------------------------------------------------------------------------------------------
+
+def generalization_gap(model: nn.Module, x_train, y_train, x_test, y_test) -> dict:
+    """Loss and accuracy of ``model`` (eval mode) on the training and the test data, and the gaps
+    ``acc_gap = train_acc - test_acc`` and ``loss_gap = test_loss - train_loss``."""
+    train_loss, train_acc = evaluate(model, x_train, y_train)
+    test_loss, test_acc = evaluate(model, x_test, y_test)
+    return {"train_loss": train_loss, "train_acc": train_acc, "test_loss": test_loss, "test_acc": test_acc,
+            "acc_gap": train_acc - test_acc, "loss_gap": test_loss - train_loss}
+
+
+def regularization_sweep(x_train, y_train, x_test, y_test, *, configs: Dict[str, tuple],
+                         seeds: Sequence[int] = (0, 1, 2), steps: int = 1000, batch_size: int = 32, lr: float = 1e-3,
+                         progress: bool = True) -> List[dict]:
+    """Train the article's network (:func:`article_model`) with Adam in each configuration
+    ``name -> (use_bn, dropout)`` and seed, and measure its :func:`generalization_gap` on
+    ``(x_train, y_train)`` vs ``(x_test, y_test)``. The seeds of a configuration are trained together as a
+    :class:`PackedMLP`. Records: ``{'config', 'seed', 'result': dict}``."""
+    seeds = list(seeds)
+    for name, cfg in configs.items():
+        if not (isinstance(cfg, tuple) and len(cfg) == 2):
+            raise ValueError(f"configs[{name!r}]: expected a (use_bn, dropout) pair, got {cfg!r}")
+
+    def one(config):
+        use_bn, p = configs[config]
+        models = [article_model(use_bn, dropout=p, seed=s, device=x_train.device) for s in seeds]
+        packed = PackedMLP(models)
+        train_packed(packed, x_train, y_train, seeds=seeds, steps=steps, batch_size=batch_size, lr=lr,
+                     optimizer="adam")
+        return [generalization_gap(packed.unpack(j), x_train, y_train, x_test, y_test) for j in range(len(seeds))]
+
+    groups = sweep(one, {"config": list(configs)}, progress=progress, desc="regularization")
+    return [{"config": g["config"], "seed": s, "result": r} for g in groups for s, r in zip(seeds, g["result"])]
+
+
+@torch.no_grad()
+def bn_output_noise(model: nn.Module, x_example: torch.Tensor, x_pool: torch.Tensor, *, batch_size: int,
+                    n_batches: int = 200, seed: int = 0) -> torch.Tensor:
+    """The output of ``model`` for one fixed example when it is normalized together with ``batch_size - 1``
+    other examples drawn at random from ``x_pool`` (``n_batches`` different batches).
+
+    The model runs in training mode (batch statistics) on a copy, so its running statistics are untouched;
+    dropout layers are switched off so that the only noise is the batch's. Returns ``(n_batches, outputs)``.
+    """
+    if not isinstance(batch_size, int) or not 2 <= batch_size <= len(x_pool) + 1:
+        raise ValueError(f"batch_size: expected an int in [2, {len(x_pool) + 1}], got {batch_size!r}")
+    if not isinstance(n_batches, int) or n_batches < 1:
+        raise ValueError(f"n_batches: expected a positive int, got {n_batches!r}")
+    net = copy.deepcopy(model).train()
+    for m in net.modules():
+        if isinstance(m, nn.Dropout):
+            m.eval()
+    gen = torch.Generator().manual_seed(seed)
+    x_example = x_example.reshape(1, *x_pool.shape[1:])
+    outs = []
+    for _ in range(n_batches):
+        idx = torch.randperm(len(x_pool), generator=gen)[: batch_size - 1].to(x_pool.device)
+        outs.append(net(torch.cat([x_example, x_pool[idx]]))[0])
+    return torch.stack(outs).cpu()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Section 6: depth
+# --------------------------------------------------------------------------------------------------------
+
+class ResidualBlock(nn.Module):
+    """``h + Linear(ReLU(norm(h)))``: the pre-activation residual block of He et al. (2016), for vectors."""
+
+    def __init__(self, width: int, norm: str = "bn"):
+        super().__init__()
+        self.norm = make_norm(norm, width, 1)
+        self.act = nn.ReLU()
+        self.linear = nn.Linear(width, width)
+
+    def forward(self, h):
+        return h + self.linear(self.act(self.norm(h)))
+
+
+def deep_mlp(depth: int, *, width: int = 64, norm: str = "none", residual: bool = False, init="he",
+             seed: int = 0, device=None) -> nn.Sequential:
+    """A ReLU MLP with ``depth`` hidden layers of ``width`` units: 784 -> ``depth`` x ``width`` -> 10.
+
+    Plain: ``Linear -> norm -> ReLU`` per layer. Residual (``residual=True``): a first ``Linear`` to the width,
+    then ``depth - 1`` :class:`ResidualBlock` s, then ``norm -> ReLU`` before the classifier. Weights are
+    He-initialized (:func:`init_linear_`), so a plain ReLU network keeps its activations' scale with depth.
+    """
+    if not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth: expected a positive int, got {depth!r}")
+    if not isinstance(width, int) or width < 1:
+        raise ValueError(f"width: expected a positive int, got {width!r}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if not residual:
+            model = mlp(784, (width,) * depth, 10, activation="relu", norm=norm)
+        else:
+            layers = [nn.Flatten(), nn.Linear(784, width)]
+            layers += [ResidualBlock(width, norm) for _ in range(depth - 1)]
+            layers += [make_norm(norm, width, 1), nn.ReLU(), nn.Linear(width, 10)]
+            model = nn.Sequential(*[m for m in layers if not isinstance(m, nn.Identity)])
+    return init_linear_(model, init, seed=seed).to(device)
+
+
+def gradient_norms(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+    """The Frobenius norm of d(loss)/d(weight) of every ``nn.Linear`` in ``model``, input side first, for
+    one cross-entropy backward pass on the batch ``(x, y)`` in training mode (gradients are not kept)."""
+    was_training = model.training
+    model.train()
+    linears = _linears(model)
+    weights = [lin.weight for lin in linears]
+    loss = F.cross_entropy(model(x), y)
+    grads = torch.autograd.grad(loss, weights)
+    model.train(was_training)
+    return np.array([g.norm().item() for g in grads])
+
+
+#: The architectures of the depth experiment: name -> (norm, residual).
+DEPTH_ARMS = {"plain": ("none", False), "plain + BN": ("bn", False), "residual + BN": ("bn", True),
+              "residual": ("none", True)}
+
+
+def depth_sweep(x_train, y_train, x_eval, y_eval, *, depths: Sequence[int],
+                arms: Sequence[str] = ("plain", "plain + BN", "residual + BN"),
+                steps: int = 300, lr: float = 0.02, momentum: float = 0.9, batch_size: int = 60, width: int = 64,
+                seeds: Sequence[int] = (0,), progress: bool = True) -> List[dict]:
+    """Train :func:`deep_mlp` (He init, SGD with momentum) for ``steps`` steps at every (arm, depth, seed);
+    each record's ``result`` is the :class:`~bnlib.experiments.History`. ``arms`` are keys of
+    :data:`DEPTH_ARMS`."""
+    for arm in arms:
+        if arm not in DEPTH_ARMS:
+            raise ValueError(f"arms: expected names from {tuple(DEPTH_ARMS)}, got {arm!r}")
+
+    def one(arm, depth, seed):
+        norm, residual = DEPTH_ARMS[arm]
+        model = deep_mlp(depth, width=width, norm=norm, residual=residual, seed=seed, device=x_train.device)
+        return train(model, x_train, y_train, steps=steps, batch_size=batch_size, lr=lr, momentum=momentum,
+                     x_eval=x_eval, y_eval=y_eval, eval_every=steps, seed=seed)
+
+    return sweep(one, {"arm": list(arms), "depth": list(depths), "seed": list(seeds)}, progress=progress,
+                 desc="depth sweep")
+
+
+# --------------------------------------------------------------------------------------------------------
+# Section 7: the interactive explorer
+# --------------------------------------------------------------------------------------------------------
+
+def explorer_run(x_train, y_train, x_eval, y_eval, *, bn: bool, lr: float, batch_size: int = 60, depth: int = 3,
+                 init_scale: float = 0.05, steps: int = 300, eval_every: int = 25, seed: int = 0,
+                 progress: bool = False) -> History:
+    """The explorer's experiment: the Figure 1 network with ``depth`` sigmoid layers of 100 units, weights
+    ~ N(0, ``init_scale``^2), with or without BN, trained by SGD for ``steps`` steps; returns the History."""
+    if not isinstance(depth, int) or depth < 1:
+        raise ValueError(f"depth: expected a positive int, got {depth!r}")
+    model = sigmoid_mlp("bn" if bn else "none", hidden=(100,) * depth, init=init_scale, seed=seed,
+                        device=x_train.device)
+    return train(model, x_train, y_train, steps=steps, batch_size=batch_size, lr=lr, x_eval=x_eval,
+                 y_eval=y_eval, eval_every=eval_every, seed=seed, progress=progress,
+                 desc=f"{'BN' if bn else 'no BN'}, lr {lr:g}")
+
+
+def _explorer_label(bn, lr, batch_size, depth, init_scale) -> str:
+    return f"{'BN' if bn else 'no BN'}, lr {lr:.3g}, batch {batch_size}, depth {depth}, init {init_scale:.0e}"
+
+
+def explorer_widget(x_train, y_train, x_eval, y_eval, *, steps: int = 300, keep: int = 4, run_now: bool = True):
+    """An ipywidgets panel that re-runs :func:`explorer_run` on demand (the *Run* button) and plots the test
+    accuracy of the last ``keep`` runs, the newest in colour. ``run_now`` runs the default settings once, so
+    the stored notebook (and the static website) shows a result. Returns the ``ipywidgets.VBox``."""
+    import ipywidgets as W
+    import matplotlib.pyplot as plt
+
+    from .plotting import METHOD_COLORS
+
+    style = {"description_width": "120px"}
+    bn = W.ToggleButtons(options=[("BN on", True), ("BN off", False)], value=True, description="batch norm",
+                         style=style)
+    lr = W.FloatLogSlider(value=0.5, base=10, min=-3, max=1, step=0.25, description="learning rate",
+                          style=style, readout_format=".3g")
+    batch = W.Dropdown(options=[4, 8, 16, 32, 60, 128, 256], value=60, description="batch size", style=style)
+    depth = W.Dropdown(options=[1, 2, 3, 5, 8], value=3, description="sigmoid layers", style=style)
+    init = W.FloatLogSlider(value=0.05, base=10, min=-4, max=0, step=0.5, description="init std",
+                            style=style, readout_format=".0e")
+    button = W.Button(description="Run", button_style="primary", icon="play")
+    out = W.Output()
+    runs: list = []
+
+    def draw():
+        fig, ax = plt.subplots(figsize=(6.4, 3.6))
+        for i, (label, hist, on) in enumerate(runs):
+            newest = i == len(runs) - 1
+            ax.plot(hist.eval_steps, hist.eval_acc, label=label, lw=2 if newest else 1,
+                    alpha=1.0 if newest else 0.45, color=METHOD_COLORS["bn" if on else "none"],
+                    linestyle="-" if on else "--")
+        ax.set(title="Explorer: test accuracy during training", xlabel="training step",
+               ylabel="test accuracy", ylim=(0, 1))
+        ax.legend(fontsize=8, loc="lower right")
+        plt.show()
+
+    def run(_=None):
+        settings = dict(bn=bn.value, lr=float(lr.value), batch_size=int(batch.value), depth=int(depth.value),
+                        init_scale=float(init.value))
+        with out:
+            out.clear_output(wait=True)
+            hist = explorer_run(x_train, y_train, x_eval, y_eval, steps=steps, progress=True, **settings)
+            runs.append((_explorer_label(**settings) + ("  (diverged)" if hist.diverged else ""), hist,
+                         settings["bn"]))
+            del runs[:-keep]
+            draw()
+
+    button.on_click(run)
+    panel = W.VBox([W.HBox([W.VBox([bn, lr, batch]), W.VBox([depth, init, button])]), out])
+    if run_now:
+        run()
+    return panel

@@ -1,0 +1,107 @@
+"""Tests for the shared training loop and the sweep/spread/plotting helpers (bnlib.experiments, bnlib.plotting)."""
+import math
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from bnlib import experiments as E  # noqa: E402
+from bnlib import plotting  # noqa: E402
+from bnlib.models import mlp  # noqa: E402
+
+
+def _blobs(n=240, d=20, classes=3, seed=0):
+    """A linearly separable toy problem: Gaussian blobs around random class centres."""
+    gen = torch.Generator().manual_seed(seed)
+    centres = torch.randn(classes, d, generator=gen) * 3
+    y = torch.arange(n) % classes
+    x = centres[y] + torch.randn(n, d, generator=gen)
+    return x, y
+
+
+def _model(norm="bn", seed=0):
+    torch.manual_seed(seed)
+    return mlp(20, (16,), 3, activation="relu", norm=norm)
+
+
+@pytest.mark.parametrize("norm", ["none", "bn"])
+def test_train_tiny_run_is_deterministic_and_learns(norm):
+    x, y = _blobs()
+    runs = []
+    for _ in range(2):
+        model = _model(norm)
+        hist = E.train(model, x, y, steps=60, batch_size=20, lr=0.1, x_eval=x, y_eval=y, eval_every=20, seed=3)
+        runs.append((hist, [p.detach().clone() for p in model.parameters()]))
+    (h1, p1), (h2, p2) = runs
+    assert h1.train_loss == h2.train_loss  # bit-for-bit the same run
+    assert h1.eval_acc == h2.eval_acc and h1.eval_steps == h2.eval_steps == [0, 20, 40, 60]
+    assert all(torch.equal(a, b) for a, b in zip(p1, p2))
+    assert np.mean(h1.train_loss[-10:]) < 0.5 * np.mean(h1.train_loss[:5])  # it learns
+    assert h1.final_acc > 0.9 and not h1.diverged
+
+
+def test_train_different_seed_gives_different_batches():
+    x, y = _blobs()
+    a = E.train(_model(), x, y, steps=5, batch_size=20, lr=0.1, seed=0).train_loss
+    b = E.train(_model(), x, y, steps=5, batch_size=20, lr=0.1, seed=1).train_loss
+    assert a != b
+
+
+def test_train_marks_divergence():
+    x, y = _blobs()
+    hist = E.train(_model("none"), x * 1e3, y, steps=50, batch_size=20, lr=1e3)
+    assert hist.diverged and len(hist.train_loss) < 50
+
+
+def test_sweep_order_records_and_validation():
+    calls = []
+
+    def fn(a, b):
+        calls.append((a, b))
+        return a * b
+
+    records = E.sweep(fn, {"a": [1, 2], "b": [10, 20, 30]}, progress=False)
+    assert calls == [(1, 10), (1, 20), (1, 30), (2, 10), (2, 20), (2, 30)]
+    assert records[4] == {"a": 2, "b": 20, "result": 40}
+    assert len(E.sweep(fn, {"a": (3,), "b": range(2)}, progress=True)) == 2  # tqdm bar works too
+    with pytest.raises(ValueError, match="grid"):
+        E.sweep(fn, {}, progress=False)
+    with pytest.raises(ValueError, match=r"grid\['a'\]"):
+        E.sweep(fn, {"a": [], "b": [1]}, progress=False)
+    with pytest.raises(ValueError, match=r"grid\['a'\]"):
+        E.sweep(fn, {"a": "xy", "b": [1]}, progress=False)
+    with pytest.raises(TypeError, match="fn"):
+        E.sweep(3, {"a": [1]}, progress=False)
+
+
+def test_spread_counts_missing_as_infinite():
+    s = E.spread([400, 300, None])
+    assert (s.median, s.low, s.high, s.n, s.missing) == (400.0, 300.0, math.inf, 3, 1)
+    assert str(s) == "400 [300, not reached] (n=3)"
+    assert E.spread([1, 2, 3, 4]).median == 2.5
+    assert math.isinf(E.spread([None, None, 5]).median)
+    with pytest.raises(ValueError, match="values"):
+        E.spread([])
+    with pytest.raises(ValueError, match="values"):
+        E.spread([1.0, float("nan")])
+
+
+def test_plot_curves_labels_bands_and_method_colours():
+    fig, ax = plt.subplots()
+    plotting.plot_curves(ax, [
+        {"x": [1, 2, 3], "y": [1, 2, 3], "label": "with BN", "color": "bn", "low": [0, 1, 2], "high": [2, 3, 4]},
+        {"x": [1, 2, 3], "y": [3, 2, 1], "label": "without BN", "color": "none", "linestyle": "--"},
+    ], title="t", xlabel="step", ylabel="accuracy", logx=True)
+    assert ax.get_title() == "t" and ax.get_xlabel() == "step" and ax.get_xscale() == "log"
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["with BN", "without BN"]
+    assert matplotlib.colors.to_hex(ax.lines[0].get_color()) == plotting.METHOD_COLORS["bn"].lower()
+    assert len(ax.collections) == 1  # one band
+    with pytest.raises(ValueError, match="title"):
+        plotting.plot_curves(ax, [], title="", xlabel="x", ylabel="y")
+    with pytest.raises(ValueError, match="missing keys"):
+        plotting.plot_curves(ax, [{"x": [1]}], title="t", xlabel="x", ylabel="y")
+    plt.close(fig)

@@ -1,0 +1,351 @@
+"""Tests for bnlib.speed, the experiment runners of chapter 4 (tiny synthetic data, a few seconds in all)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import bnlib.torch as bt
+from bnlib import speed as S
+from bnlib.experiments import History, evaluate
+
+
+def _digits(n=300, seed=0):
+    """A toy 'MNIST': 28x28 images of 10 classes, each class a fixed random pattern plus noise."""
+    patterns = torch.rand(10, 28, 28, generator=torch.Generator().manual_seed(1234))  # shared by all splits
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 10
+    x = (patterns[y] + 0.3 * torch.randn(n, 28, 28, generator=gen)).clamp(0, 1)
+    return x.reshape(n, -1), y
+
+
+@pytest.fixture(scope="module")
+def data():
+    xtr, ytr = _digits(300, 0)
+    xte, yte = _digits(100, 1)
+    return xtr, ytr, xte, yte
+
+
+# ---- models and initialization ------------------------------------------------------------------------
+
+def test_init_linear_gaussian_he_glorot():
+    model = nn.Sequential(nn.Linear(400, 300), nn.ReLU(), nn.Linear(300, 200))
+    S.init_linear_(model, 0.05, seed=1)
+    w = model[0].weight
+    assert abs(w.std().item() - 0.05) < 0.002 and model[0].bias.abs().max().item() == 0
+    S.init_linear_(model, "he")
+    assert abs(model[2].weight.std().item() - math.sqrt(2 / 300)) < 0.003
+    S.init_linear_(model, "glorot")
+    a = math.sqrt(6 / (400 + 300))
+    assert model[0].weight.abs().max().item() <= a and model[0].weight.abs().max().item() > 0.95 * a
+    before = model[0].weight.clone()
+    S.init_linear_(model, "default")
+    assert torch.equal(before, model[0].weight)
+    for bad in (0, -1.0, float("nan"), True, "xavier", None):
+        with pytest.raises(ValueError, match="init"):
+            S.init_linear_(model, bad)
+
+
+def test_models_use_bnlib_batchnorm_and_leave_global_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    m1 = S.sigmoid_mlp("bn", seed=4)
+    after = torch.rand(1)
+    assert torch.equal(expected, after)  # building a model does not consume the global RNG
+    m2 = S.sigmoid_mlp("bn", seed=4)
+    assert all(torch.equal(a, b) for a, b in zip(m1.parameters(), m2.parameters()))
+    assert sum(isinstance(m, bt.BatchNorm1d) for m in m1.modules()) == 3
+    art = S.article_model(True)
+    bns = [m for m in art.modules() if isinstance(m, bt.BatchNorm1d)]
+    assert len(bns) == 1 and bns[0].momentum == 0.01 and bns[0].eps == 1e-3
+    # the article's order: Linear -> ReLU -> BN -> Linear
+    assert [type(m).__name__ for m in art][1:] == ["Linear", "ReLU", "BatchNorm1d", "Linear"]
+    assert not any(isinstance(m, bt.BatchNorm1d) for m in S.article_model(False).modules())
+
+
+@pytest.mark.parametrize("norm,residual", [("none", False), ("bn", False), ("bn", True), ("none", True)])
+def test_deep_mlp_shapes_and_depth(norm, residual):
+    model = S.deep_mlp(7, width=16, norm=norm, residual=residual)
+    out = model(torch.rand(5, 28, 28))
+    assert out.shape == (5, 10)
+    assert len(S._linears(model)) == 8  # 7 hidden layers + the classifier
+    n_bn = sum(isinstance(m, bt.BatchNorm1d) for m in model.modules())
+    assert n_bn == (7 if norm == "bn" else 0)
+    with pytest.raises(ValueError, match="depth"):
+        S.deep_mlp(0)
+
+
+def test_residual_block_is_identity_plus_branch():
+    block = S.ResidualBlock(8, "none")
+    with torch.no_grad():
+        block.linear.weight.zero_()
+        block.linear.bias.zero_()
+    h = torch.randn(4, 8)
+    assert torch.equal(block(h), h)
+
+
+# ---- section 1 ----------------------------------------------------------------------------------------
+
+def test_validation_split_is_keras_last_fraction():
+    x, y = torch.arange(10).float(), torch.arange(10)
+    xf, yf, xv, yv = S.validation_split(x, y, 0.2)
+    assert xf.tolist() == list(range(8)) and yv.tolist() == [8, 9]
+    for bad in (0, 1, 1.5):
+        with pytest.raises(ValueError, match="fraction"):
+            S.validation_split(x, y, bad)
+
+
+def test_run_article_experiment_per_epoch_and_deterministic(data):
+    xtr, ytr, _, _ = data
+    r1 = S.run_article_experiment(xtr, ytr, use_bn=True, epochs=3, batch_size=30)
+    r2 = S.run_article_experiment(xtr, ytr, use_bn=True, epochs=3, batch_size=30)
+    assert len(r1.loss) == len(r1.val_loss) == len(r1.val_accuracy) == 3
+    assert r1.loss == r2.loss and r1.val_loss == r2.val_loss
+    assert len(r1.history.train_loss) == 3 * (240 // 30)
+    assert np.isclose(r1.loss[0], np.mean(r1.history.train_loss[:8]))
+    assert r1.loss[-1] < r1.loss[0] and r1.val_accuracy[-1] > 0.5  # it learns
+    with pytest.raises(ValueError, match="epochs"):
+        S.run_article_experiment(xtr, ytr, use_bn=False, epochs=0)
+
+
+# ---- section 2 ----------------------------------------------------------------------------------------
+
+def test_sigmoid_input_probe_percentiles_and_no_side_effects(data):
+    xtr, ytr, xte, _ = data
+    model = S.sigmoid_mlp("bn", seed=0)
+    probe = S.SigmoidInputProbe(xte, unit=3, every=10)
+    probe.record(0, model)
+    running = model[-3].running_mean.clone() if hasattr(model[-3], "running_mean") else None
+    # reference: the input to the last sigmoid, computed by hand in training mode on a copy
+    ref = torch.nn.Sequential(*list(model)[:-2])
+    import copy
+
+    ref = copy.deepcopy(ref).train()
+    with torch.no_grad():
+        z = ref(xte)[:, 3]
+    assert np.allclose(probe.as_array()[0], torch.quantile(z, torch.tensor([0.15, 0.5, 0.85])).numpy(), atol=1e-6)
+    bn_last = [m for m in model.modules() if isinstance(m, bt.BatchNorm1d)][-1]
+    assert torch.equal(bn_last.running_mean, torch.zeros(100))  # the model's running stats untouched
+    del running
+    from bnlib.experiments import train
+
+    train(model, xtr, ytr, steps=20, batch_size=30, lr=0.1, callback=probe)
+    assert probe.steps == [0, 10, 20] and probe.as_array().shape == (3, 3)
+    assert np.all(np.diff(probe.as_array(), axis=1) >= 0)  # 15th <= 50th <= 85th
+    with pytest.raises(ValueError, match="Sigmoid"):
+        S.SigmoidInputProbe(xte).record(0, nn.Sequential(nn.Flatten(), nn.Linear(784, 10)))
+
+
+# ---- section 3 ----------------------------------------------------------------------------------------
+
+def test_steps_to_target_stops_at_target_and_is_deterministic(data):
+    xtr, ytr, xte, yte = data
+    runs = [S.steps_to_target(S.sigmoid_mlp("bn", seed=1), xtr, ytr, xte, yte, target=0.8, max_steps=400, lr=0.5,
+                              batch_size=30, eval_every=10, seed=1) for _ in range(2)]
+    a, b = runs
+    assert a.reached and a.steps == b.steps and a.eval_acc == b.eval_acc
+    assert a.eval_steps[-1] == a.steps and a.eval_acc[-1] >= 0.8 and max(a.eval_acc[:-1]) < 0.8
+    never = S.steps_to_target(S.sigmoid_mlp("none", seed=1), xtr, ytr, xte, yte, target=1.0, max_steps=30,
+                              lr=1e-4, batch_size=30, eval_every=10)
+    assert never.steps is None and not never.reached and never.eval_steps == [0, 10, 20, 30]
+    with pytest.raises(ValueError, match="target"):
+        S.steps_to_target(S.sigmoid_mlp(), xtr, ytr, xte, yte, target=1.5, max_steps=10, lr=0.1)
+
+
+def _fake(norm, lr, seed, steps):
+    return {"norm": norm, "lr": lr, "seed": seed, "result": S.TargetRun(steps)}
+
+
+def test_speedups_best_and_equal_rates():
+    recs = []
+    table = {("none", 0.1): [None, None, 900], ("none", 1.0): [800, 600, 700], ("bn", 0.1): [200, 300, 250],
+             ("bn", 1.0): [100, 100, 150]}
+    for (norm, lr), vals in table.items():
+        recs += [_fake(norm, lr, s, v) for s, v in enumerate(vals)]
+    out = S.speedups(recs)
+    assert out["best_lr"] == {"none": 1.0, "bn": 1.0}
+    assert out["best_steps"] == {"none": 700.0, "bn": 100.0}
+    assert out["speedup_at_best"] == 7.0
+    assert math.isinf(out["speedup_at_equal_lr"][0.1]) and out["speedup_at_equal_lr"][1.0] == 7.0
+    with pytest.raises(ValueError, match="records"):
+        S._median_steps(recs, "bn", 5.0)
+
+
+def test_lr_sweep_records(data):
+    xtr, ytr, xte, yte = data
+    recs = S.lr_sweep(xtr, ytr, xte, yte, lrs=[0.5], seeds=[0, 1], target=0.5, max_steps=100, batch_size=30,
+                      eval_every=20, progress=False)
+    assert [(r["norm"], r["seed"]) for r in recs] == [("none", 0), ("none", 1), ("bn", 0), ("bn", 1)]
+    assert all(isinstance(r["result"], S.TargetRun) for r in recs)
+    assert all(r["result"].reached for r in recs if r["norm"] == "bn")
+
+
+# ---- section 4 ----------------------------------------------------------------------------------------
+
+def test_init_scale_sweep_bn_is_insensitive_to_scale(data):
+    xtr, ytr, xte, yte = data
+    recs = S.init_scale_sweep(xtr, ytr, xte, yte, scales=[0.01, 1.0], steps=60, lr=0.5, batch_size=30,
+                              progress=False)
+    acc = {(r["norm"], r["scale"]): r["result"].final_acc for r in recs}
+    assert all(isinstance(r["result"], History) for r in recs)
+    assert acc[("bn", 0.01)] > 0.8 and acc[("bn", 1.0)] > 0.8
+    assert acc[("none", 0.01)] < 0.5  # vanishing signal without BN
+
+
+# ---- section 5 ----------------------------------------------------------------------------------------
+
+def test_generalization_gap_matches_evaluate(data):
+    xtr, ytr, xte, yte = data
+    model = S.sigmoid_mlp("bn")
+    gap = S.generalization_gap(model, xtr, ytr, xte, yte)
+    assert gap["train_acc"] == evaluate(model, xtr, ytr)[1]
+    assert np.isclose(gap["acc_gap"], gap["train_acc"] - gap["test_acc"])
+    assert np.isclose(gap["loss_gap"], gap["test_loss"] - gap["train_loss"])
+
+
+def test_bn_output_noise_shrinks_with_batch_size_and_is_pure(data):
+    xtr, _, xte, _ = data
+    model = S.sigmoid_mlp("bn", dropout=0.5, seed=2)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    small = S.bn_output_noise(model, xte[0], xtr, batch_size=4, n_batches=50)
+    large = S.bn_output_noise(model, xte[0], xtr, batch_size=128, n_batches=50)
+    assert small.shape == (50, 10)
+    assert small.std(0).mean() > 2 * large.std(0).mean()
+    assert torch.equal(small, S.bn_output_noise(model, xte[0], xtr, batch_size=4, n_batches=50))
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())  # running stats untouched
+    # without BN (and with dropout off) the output does not depend on the batch at all
+    plain = S.bn_output_noise(S.sigmoid_mlp("none", dropout=0.5), xte[0], xtr, batch_size=4, n_batches=5)
+    assert torch.allclose(plain, plain[:1].expand_as(plain), atol=1e-6)
+    with pytest.raises(ValueError, match="batch_size"):
+        S.bn_output_noise(model, xte[0], xtr, batch_size=1)
+
+
+# ---- section 6 ----------------------------------------------------------------------------------------
+
+def test_gradient_norms_one_per_linear_and_bn_explodes_at_init(data):
+    xtr, ytr, _, _ = data
+    x, y = xtr[:60], ytr[:60]
+    g_bn = S.gradient_norms(S.deep_mlp(30, width=32, norm="bn"), x, y)
+    g_res = S.gradient_norms(S.deep_mlp(30, width=32, norm="bn", residual=True), x, y)
+    assert g_bn.shape == (31,) and g_res.shape == (31,)
+    # Yang et al. 2019: in a plain BN network the gradient grows geometrically towards the input
+    assert g_bn[0] / g_bn[-2] > 10
+    assert g_res[0] / g_res[-2] < g_bn[0] / g_bn[-2]
+    model = S.deep_mlp(3, width=8)
+    model.eval()
+    S.gradient_norms(model, x, y)
+    assert not model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_depth_sweep_records(data):
+    xtr, ytr, xte, yte = data
+    recs = S.depth_sweep(xtr, ytr, xte, yte, depths=[2], arms=["plain", "residual + BN"], steps=20, width=16,
+                         batch_size=30, progress=False)
+    assert [(r["arm"], r["depth"]) for r in recs] == [("plain", 2), ("residual + BN", 2)]
+    assert all(len(r["result"].eval_acc) == 2 for r in recs)
+    with pytest.raises(ValueError, match="arms"):
+        S.depth_sweep(xtr, ytr, xte, yte, depths=[2], arms=["bogus"])
+
+
+# ---- section 7 ----------------------------------------------------------------------------------------
+
+def test_explorer_run_deterministic_and_bn_flag(data):
+    xtr, ytr, xte, yte = data
+    kw = dict(lr=0.5, batch_size=30, depth=2, init_scale=0.05, steps=40, eval_every=20)
+    a = S.explorer_run(xtr, ytr, xte, yte, bn=True, **kw)
+    b = S.explorer_run(xtr, ytr, xte, yte, bn=True, **kw)
+    c = S.explorer_run(xtr, ytr, xte, yte, bn=False, **kw)
+    assert a.eval_steps == [0, 20, 40] and a.eval_acc == b.eval_acc and a.train_loss == b.train_loss
+    assert a.train_loss != c.train_loss
+    with pytest.raises(ValueError, match="depth"):
+        S.explorer_run(xtr, ytr, xte, yte, bn=True, lr=0.1, depth=0)
+
+
+def test_explorer_widget_builds_and_runs(data):
+    pytest.importorskip("ipywidgets")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    xtr, ytr, xte, yte = data
+    panel = S.explorer_widget(xtr, ytr, xte, yte, steps=10, run_now=False)
+    controls = panel.children[0]
+    button = controls.children[1].children[2]
+    assert button.description == "Run"
+    button.click()  # runs one experiment into the Output widget
+    button.click()
+
+
+# ---- packed training --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("norm,optimizer", [("none", "sgd"), ("bn", "sgd"), ("bn", "adam")])
+def test_packed_training_equals_separate_runs(data, norm, optimizer):
+    from bnlib.experiments import train
+
+    xtr, ytr, xte, yte = data
+    seeds = [0, 3]
+    lr = 0.5 if optimizer == "sgd" else 1e-3
+    make = (lambda s: S.sigmoid_mlp(norm, seed=s)) if optimizer == "sgd" else (lambda s: S.article_model(True, seed=s))
+    packed = S.PackedMLP([make(s) for s in seeds])
+    for j, s in enumerate(seeds):  # unpacking before training gives back the original networks
+        assert all(torch.equal(a, b) for a, b in zip(packed.unpack(j).state_dict().values(), make(s).state_dict().values()))
+    hists = S.train_packed(packed, xtr, ytr, seeds=seeds, steps=25, batch_size=30, lr=lr, optimizer=optimizer,
+                           x_eval=xte, y_eval=yte, eval_every=10)
+    for j, s in enumerate(seeds):
+        model = make(s)
+        ref = train(model, xtr, ytr, steps=25, batch_size=30, lr=lr, optimizer=optimizer, x_eval=xte, y_eval=yte,
+                    eval_every=10, seed=s)
+        assert hists[j].eval_steps == ref.eval_steps == [0, 10, 20, 25]
+        assert np.allclose(hists[j].train_loss, ref.train_loss, atol=1e-4)
+        assert np.allclose(hists[j].eval_acc, ref.eval_acc, atol=0.011)  # at most one image flips
+        got = packed.unpack(j).state_dict()
+        # Adam divides by sqrt(v): a parameter whose gradient is rounding noise can move by up to lr per step
+        atol = 1e-4 if optimizer == "sgd" else 25 * lr
+        for name, value in model.state_dict().items():
+            assert torch.allclose(got[name].float(), value.float(), atol=atol), name
+
+
+def test_packed_validation_and_divergence(data):
+    xtr, ytr, xte, yte = data
+    with pytest.raises(ValueError, match="architecture"):
+        S.PackedMLP([S.sigmoid_mlp("bn"), S.sigmoid_mlp("none")])
+    with pytest.raises(ValueError, match="at least one"):
+        S.PackedMLP([])
+    with pytest.raises(TypeError, match="Conv2d"):
+        S.PackedMLP([nn.Sequential(nn.Conv2d(1, 2, 3))])
+    packed = S.PackedMLP([S.sigmoid_mlp(seed=0), S.sigmoid_mlp(seed=1)])
+    with pytest.raises(ValueError, match="leading dimension"):
+        packed(torch.rand(3, 5, 784))
+    with pytest.raises(ValueError, match="seeds"):
+        S.train_packed(packed, xtr, ytr, seeds=[0], steps=5, batch_size=30, lr=0.1)
+    with pytest.raises(ValueError, match="unpack|j"):
+        packed.unpack(2)
+    # one network blows up, the other goes on
+    bad, good = S.sigmoid_mlp("none", seed=0), S.sigmoid_mlp("none", seed=1)
+    with torch.no_grad():
+        bad[1].weight.fill_(float("nan"))
+    hists = S.train_packed(S.PackedMLP([bad, good]), xtr, ytr, seeds=[0, 1], steps=20, batch_size=30, lr=0.1,
+                           x_eval=xte, y_eval=yte, eval_every=10)
+    assert hists[0].diverged and len(hists[0].train_loss) == 1 and hists[0].eval_steps == [0]
+    assert not hists[1].diverged and len(hists[1].train_loss) == 20 and hists[1].eval_steps == [0, 10, 20]
+
+
+def test_lr_sweep_packed_equals_unpacked(data):
+    xtr, ytr, xte, yte = data
+    kw = dict(lrs=[0.5], norms=["bn"], seeds=[0, 1], target=0.6, max_steps=200, batch_size=30, eval_every=10,
+              progress=False)
+    packed = S.lr_sweep(xtr, ytr, xte, yte, pack=True, **kw)
+    single = S.lr_sweep(xtr, ytr, xte, yte, pack=False, **kw)
+    assert [r["result"].steps for r in packed] == [r["result"].steps for r in single]
+    assert all(r["result"].reached for r in packed)
+
+
+def test_regularization_sweep_records(data):
+    xtr, ytr, xte, yte = data
+    recs = S.regularization_sweep(xtr, ytr, xte, yte, configs={"BN": (True, 0.0), "dropout": (False, 0.5)},
+                                  seeds=[0, 1], steps=30, progress=False)
+    assert [(r["config"], r["seed"]) for r in recs] == [("BN", 0), ("BN", 1), ("dropout", 0), ("dropout", 1)]
+    assert all(set(r["result"]) >= {"acc_gap", "loss_gap"} for r in recs)
+    with pytest.raises(ValueError, match="configs"):
+        S.regularization_sweep(xtr, ytr, xte, yte, configs={"x": True})
