@@ -16,7 +16,6 @@ PIP_LINKS := $(if $(wildcard /opt/wheels),--find-links /opt/wheels,)
 # The stored outputs were produced from the offline MNIST subset; validate against the same data.
 export BNLIB_OFFLINE ?= 1
 export PYTHONHASHSEED := 0
-export MPLBACKEND := Agg
 NOTEBOOKS := intro.ipynb $(sort $(wildcard chapters/*.ipynb))
 JB_FLAGS := -W -n --keep-going
 
