@@ -20,7 +20,10 @@ function                           what it measures
 :func:`deep_mlp`                   plain or residual ReLU MLPs of any depth, with or without BN
 :func:`gradient_norms`             per-layer weight-gradient norms (at initialization: Yang et al. 2019)
 :func:`depth_sweep`                trainability vs depth for several architectures
+:func:`regularization_sweep`       the generalization gap of the article's network with BN / dropout / both
 :func:`explorer_run`               the interactive explorer's experiment; :func:`explorer_widget` its UI
+:class:`PackedMLP`                 ``k`` copies of one MLP (e.g. ``k`` seeds) trained side by side in one pass;
+                                   :func:`train_packed` trains them exactly as ``k`` runs of ``train`` would
 =================================  ==========================================================================
 
 Every function that builds a model takes a ``seed`` and builds the model inside ``torch.random.fork_rng``, so
@@ -31,7 +34,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -588,21 +591,22 @@ def init_scale_sweep(x_train, y_train, x_eval, y_eval, *, scales: Sequence[float
                      progress: bool = True, **norm_kwargs) -> List[dict]:
     """Train the Figure 1 network from weights ~ N(0, scale^2) for ``steps`` SGD steps at every
     (norm, scale, seed); each record's ``result`` is the :class:`~bnlib.experiments.History` (its
-    ``final_acc`` is the accuracy on ``(x_eval, y_eval)`` at the end). The seeds of one (norm, scale) are
-    trained together as a :class:`PackedMLP`. ``norm_kwargs`` (e.g. ``eps``) go to the normalization layers."""
-    seeds = list(seeds)
+    ``final_acc`` is the accuracy on ``(x_eval, y_eval)`` at the end). All (scale, seed) networks of one
+    norm share the optimizer settings, so they are trained together as one :class:`PackedMLP`.
+    ``norm_kwargs`` (e.g. ``eps``) go to the normalization layers."""
+    seeds, scales = list(seeds), list(scales)
+    points = [(scale, s) for scale in scales for s in seeds]
 
-    def one(norm, scale):
+    def one(norm):
         kw = norm_kwargs if norm != "none" else {}
         models = [sigmoid_mlp(norm, hidden=hidden, init=scale, seed=s, device=x_train.device, **kw)
-                  for s in seeds]
-        return train_packed(PackedMLP(models), x_train, y_train, seeds=seeds, steps=steps, batch_size=batch_size,
-                            lr=lr, x_eval=x_eval, y_eval=y_eval, eval_every=steps)
+                  for scale, s in points]
+        return train_packed(PackedMLP(models), x_train, y_train, seeds=[s for _, s in points], steps=steps,
+                            batch_size=batch_size, lr=lr, x_eval=x_eval, y_eval=y_eval, eval_every=steps)
 
-    groups = sweep(one, {"norm": list(norms), "scale": list(scales)}, progress=progress,
-                   desc="initialization sweep")
-    return [{"norm": g["norm"], "scale": g["scale"], "seed": s, "result": h}
-            for g in groups for s, h in zip(seeds, g["result"])]
+    groups = sweep(one, {"norm": list(norms)}, progress=progress, desc="initialization sweep")
+    return [{"norm": g["norm"], "scale": scale, "seed": s, "result": h}
+            for g in groups for (scale, s), h in zip(points, g["result"])]
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ ever mixes two networks). Network ``j`` has the initial weights of the single ne
 the packed run *is* the ``k`` separate runs (``tests/test_sweeps.py`` checks this against
 :func:`bnlib.experiments.train`). Batch-layer norm, whose layer statistics would span the packed networks, is
 kept as ``k`` separate networks inside the same wrapper (correct, just not faster). The cells of a sweep can
-also be spread over forked worker processes (``workers``); every cell runs single-threaded, so the results do
+also be spread over spawned worker processes (``workers``); every cell runs single-threaded, so the results do
 not depend on the number of workers or cores.
 """
 from __future__ import annotations
@@ -746,7 +746,7 @@ def batch_size_sweep(
     Speed: the seeds of a cell are trained together (:class:`PackedNet`, unless ``pack=False``); on CPU each
     cell runs with ``threads`` intra-op threads (default 1: tiny layers gain nothing from more, and the
     results then do not depend on the machine), and with ``workers > 1`` (Linux, CPU only) the cells are
-    spread over that many forked processes. The results do not depend on ``workers``.
+    spread over that many spawned processes. The results do not depend on ``workers``.
     """
     methods, batch_sizes, seeds = tuple(methods), tuple(batch_sizes), tuple(seeds)
     for m in methods:
@@ -803,7 +803,8 @@ def batch_size_sweep(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=total, desc=desc, unit="step")
+        # a redraw at most every 2 s: in Jupyter each redraw is a message to the front end
+        bar = tqdm(total=total, desc=desc, unit="step", mininterval=2.0)
 
     def store(key, out):
         mi, bi = key
@@ -814,7 +815,7 @@ def batch_size_sweep(
 
     import multiprocessing as mp
 
-    parallel = workers > 1 and device.type == "cpu" and "fork" in mp.get_all_start_methods()
+    parallel = workers > 1 and device.type == "cpu"
     try:
         if not parallel:
             tick = (lambda _s: bar.update(1)) if bar is not None else None
@@ -825,7 +826,8 @@ def batch_size_sweep(
         else:
             from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-            ctx = mp.get_context("fork")
+            # spawned, not forked: a fork of a Jupyter kernel inherits its ZeroMQ sockets and threads
+            ctx = mp.get_context("spawn")
             counter = ctx.Value("q", 0)
             # the longest cells first, so the workers finish together
             order = sorted(cells, key=lambda k: -(examples // cells[k]["bs"])
@@ -835,15 +837,13 @@ def batch_size_sweep(
                 futures = {pool.submit(_worker_cell, cells[k]): k for k in order}
                 pending = set(futures)
                 while pending:
-                    done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                    done, pending = wait(pending, timeout=2.0, return_when=FIRST_COMPLETED)
                     for f in done:
                         store(futures[f], f.result())
-                    if bar is not None:
-                        bar.n = min(counter.value, total)
-                        bar.refresh()
-            if bar is not None:
-                bar.n = total
-                bar.refresh()
+                    if bar is not None and counter.value > bar.n:
+                        bar.update(min(counter.value, total) - bar.n)
+            if bar is not None and bar.n < total:
+                bar.update(total - bar.n)
     finally:
         if bar is not None:
             bar.close()

@@ -1,4 +1,5 @@
 """Tests for bnlib.speed, the experiment runners of chapter 4 (tiny synthetic data, a few seconds in all)."""
+import copy
 import math
 
 import numpy as np
@@ -8,7 +9,7 @@ from torch import nn
 
 import bnlib.torch as bt
 from bnlib import speed as S
-from bnlib.experiments import History, evaluate
+from bnlib.experiments import History, evaluate, train
 
 
 def _digits(n=300, seed=0):
@@ -117,19 +118,13 @@ def test_sigmoid_input_probe_percentiles_and_no_side_effects(data):
     model = S.sigmoid_mlp("bn", seed=0)
     probe = S.SigmoidInputProbe(xte, unit=3, every=10)
     probe.record(0, model)
-    running = model[-3].running_mean.clone() if hasattr(model[-3], "running_mean") else None
-    # reference: the input to the last sigmoid, computed by hand in training mode on a copy
-    ref = torch.nn.Sequential(*list(model)[:-2])
-    import copy
-
-    ref = copy.deepcopy(ref).train()
+    # reference: the input to the last sigmoid (everything before it), computed in training mode on a copy
+    ref = copy.deepcopy(nn.Sequential(*list(model)[:-2])).train()
     with torch.no_grad():
         z = ref(xte)[:, 3]
     assert np.allclose(probe.as_array()[0], torch.quantile(z, torch.tensor([0.15, 0.5, 0.85])).numpy(), atol=1e-6)
     bn_last = [m for m in model.modules() if isinstance(m, bt.BatchNorm1d)][-1]
     assert torch.equal(bn_last.running_mean, torch.zeros(100))  # the model's running stats untouched
-    del running
-    from bnlib.experiments import train
 
     train(model, xtr, ytr, steps=20, batch_size=30, lr=0.1, callback=probe)
     assert probe.steps == [0, 10, 20] and probe.as_array().shape == (3, 3)
@@ -281,8 +276,6 @@ def test_explorer_widget_builds_and_runs(data):
 
 @pytest.mark.parametrize("norm,optimizer", [("none", "sgd"), ("bn", "sgd"), ("bn", "adam")])
 def test_packed_training_equals_separate_runs(data, norm, optimizer):
-    from bnlib.experiments import train
-
     xtr, ytr, xte, yte = data
     seeds = [0, 3]
     lr = 0.5 if optimizer == "sgd" else 1e-3
