@@ -39,8 +39,8 @@ ever mixes two networks). Network ``j`` has the initial weights of the single ne
 the packed run *is* the ``k`` separate runs (``tests/test_sweeps.py`` checks this against
 :func:`bnlib.experiments.train`). Batch-layer norm, whose layer statistics would span the packed networks, is
 kept as ``k`` separate networks inside the same wrapper (correct, just not faster). The cells of a sweep can
-also be spread over spawned worker processes (``workers``); every cell runs single-threaded, so the results do
-not depend on the number of workers or cores.
+also be spread over worker processes (``workers``; spawned in Jupyter, forked elsewhere); every cell runs
+single-threaded, so the results do not depend on the number of workers or cores.
 """
 from __future__ import annotations
 
@@ -681,6 +681,18 @@ def _run_cell(method, bs, seeds, xtr, ytr, xva, yva, examples, lr, momentum, sch
 _PROGRESS = None  # a shared step counter in worker processes
 
 
+def _start_method() -> str:
+    """How worker processes start: spawned inside a Jupyter kernel (a fork would inherit the kernel's ZeroMQ
+    sockets and threads), forked elsewhere when the platform can (a spawned worker re-imports a script's
+    ``__main__``, which would need an ``if __name__ == "__main__":`` guard)."""
+    import multiprocessing as mp
+    import sys
+
+    if "ipykernel" in sys.modules or "fork" not in mp.get_all_start_methods():
+        return "spawn"
+    return "fork"
+
+
 def _init_worker(counter):
     global _PROGRESS
     _PROGRESS = counter
@@ -745,8 +757,9 @@ def batch_size_sweep(
 
     Speed: the seeds of a cell are trained together (:class:`PackedNet`, unless ``pack=False``); on CPU each
     cell runs with ``threads`` intra-op threads (default 1: tiny layers gain nothing from more, and the
-    results then do not depend on the machine), and with ``workers > 1`` (Linux, CPU only) the cells are
-    spread over that many spawned processes. The results do not depend on ``workers``.
+    results then do not depend on the machine), and with ``workers > 1`` (CPU only) the cells are spread
+    over that many processes (spawned inside Jupyter, forked elsewhere). The results do not depend on
+    ``workers``.
     """
     methods, batch_sizes, seeds = tuple(methods), tuple(batch_sizes), tuple(seeds)
     for m in methods:
@@ -826,8 +839,7 @@ def batch_size_sweep(
         else:
             from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
-            # spawned, not forked: a fork of a Jupyter kernel inherits its ZeroMQ sockets and threads
-            ctx = mp.get_context("spawn")
+            ctx = mp.get_context(_start_method())
             counter = ctx.Value("q", 0)
             # the longest cells first, so the workers finish together
             order = sorted(cells, key=lambda k: -(examples // cells[k]["bs"])

@@ -261,6 +261,29 @@ def test_sweep_shapes_and_workers_do_not_change_results():
     np.testing.assert_allclose(one.final_loss, two.final_loss, rtol=0, atol=0)
 
 
+
+def test_worker_start_method(monkeypatch):
+    """Workers are spawned inside a Jupyter kernel (a forked kernel shares its ZeroMQ sockets), forked in scripts."""
+    import multiprocessing as mp
+    import sys
+
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    assert sweeps._start_method() == ("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+    monkeypatch.setitem(sys.modules, "ipykernel", object())
+    assert sweeps._start_method() == "spawn"
+
+
+def test_spawned_workers_give_the_same_results(monkeypatch):
+    import sys
+
+    x, y = _data(32)
+    xv, yv = _data(20, seed=1)
+    kw = dict(methods=("bn", "ln"), batch_sizes=(4,), seeds=(0,), examples=8, progress=False)
+    one = sweeps.batch_size_sweep(x, y, xv, yv, **kw)
+    monkeypatch.setitem(sys.modules, "ipykernel", object())
+    two = sweeps.batch_size_sweep(x, y, xv, yv, workers=2, **kw)
+    np.testing.assert_array_equal(one.errors, two.errors)
+
 def test_sweep_cell_is_the_single_run():
     """One cell of the sweep is the run experiments.train makes with the same settings."""
     x, y = _data(64)
