@@ -693,6 +693,29 @@ def _start_method() -> str:
     return "fork"
 
 
+_POOL = None  # (executor, step counter, workers, start method), kept for the next sweep of this process
+
+
+def _worker_pool(workers: int):
+    """A process pool of ``workers`` processes and its shared step counter, created on first use and reused by
+    later sweeps (a spawned worker takes seconds to import torch and bnlib)."""
+    global _POOL
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    method = _start_method()
+    if _POOL is not None and (_POOL[2:] != (workers, method) or getattr(_POOL[0], "_broken", False)):
+        _POOL[0].shutdown(cancel_futures=True)
+        _POOL = None
+    if _POOL is None:
+        ctx = mp.get_context(method)
+        counter = ctx.Value("q", 0)
+        pool = ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
+                                   initargs=(counter,))
+        _POOL = (pool, counter, workers, method)
+    return _POOL[0], _POOL[1]
+
+
 def _init_worker(counter):
     global _PROGRESS
     _PROGRESS = counter
@@ -758,8 +781,8 @@ def batch_size_sweep(
     Speed: the seeds of a cell are trained together (:class:`PackedNet`, unless ``pack=False``); on CPU each
     cell runs with ``threads`` intra-op threads (default 1: tiny layers gain nothing from more, and the
     results then do not depend on the machine), and with ``workers > 1`` (CPU only) the cells are spread
-    over that many processes (spawned inside Jupyter, forked elsewhere). The results do not depend on
-    ``workers``.
+    over that many processes (spawned inside Jupyter, forked elsewhere; the pool is kept for the next sweep).
+    The results do not depend on ``workers``.
     """
     methods, batch_sizes, seeds = tuple(methods), tuple(batch_sizes), tuple(seeds)
     for m in methods:
@@ -811,7 +834,16 @@ def batch_size_sweep(
                                  norm_kwargs=norm_kwargs_for(norm_kwargs.get(method), bs), pack=pack,
                                  train_mode_eval=method in train_mode_eval, fast_convs=fast_convs,
                                  threads=threads)
-    total = sum(examples // c["bs"] for c in cells.values())
+    parallel = workers > 1 and device.type == "cpu"
+    # A cell whose seeds are not packed into one network (BLN, or pack=False) runs as one task per seed when
+    # the cells are spread over processes: the same computation, better balanced across the workers.
+    tasks = []
+    for key, cell in cells.items():
+        if parallel and len(seeds) > 1 and not (pack and cell["method"] in PACKABLE):
+            tasks += [(key, j, {**cell, "seeds": (s,)}) for j, s in enumerate(seeds)]
+        else:
+            tasks.append((key, None, cell))
+    total = sum(examples // cell["bs"] for _, _, cell in tasks)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -819,41 +851,52 @@ def batch_size_sweep(
         # a redraw at most every 2 s: in Jupyter each redraw is a message to the front end
         bar = tqdm(total=total, desc=desc, unit="step", mininterval=2.0)
 
-    def store(key, out):
+    parts = {}
+
+    def store(key, j, out):
+        if j is not None:  # one seed of a split cell: stored once all its seeds are in, in seed order
+            parts.setdefault(key, {})[j] = out
+            if len(parts[key]) < len(seeds):
+                return
+            done = parts.pop(key)
+            out = {k: np.concatenate([np.atleast_1d(done[i][k]) for i in range(len(seeds))])
+                   for k in done[0] if k != "seconds"}
+            out["seconds"] = sum(done[i]["seconds"] for i in range(len(seeds)))
         mi, bi = key
         errors[mi, bi], diverged[mi, bi], final_loss[mi, bi] = out["errors"], out["diverged"], out["final_loss"]
         seconds[mi, bi] = out["seconds"]
         if "train_mode_errors" in out:
             tm_errors[mi, bi] = out["train_mode_errors"]
 
-    import multiprocessing as mp
-
-    parallel = workers > 1 and device.type == "cpu"
     try:
         if not parallel:
             tick = (lambda _s: bar.update(1)) if bar is not None else None
-            for key, cell in cells.items():
+            for key, j, cell in tasks:
                 if bar is not None:
                     bar.set_postfix_str(f"{cell['method']} batch {cell['bs']}")
-                store(key, _run_cell(**cell, on_step=tick))
+                store(key, j, _run_cell(**cell, on_step=tick))
         else:
-            from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+            from concurrent.futures import FIRST_COMPLETED, wait
 
-            ctx = mp.get_context(_start_method())
-            counter = ctx.Value("q", 0)
-            # the longest cells first, so the workers finish together
-            order = sorted(cells, key=lambda k: -(examples // cells[k]["bs"])
-                           * (1 if pack and cells[k]["method"] in PACKABLE else len(seeds)))
-            with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_init_worker,
-                                     initargs=(counter,)) as pool:
-                futures = {pool.submit(_worker_cell, cells[k]): k for k in order}
+            pool, counter = _worker_pool(workers)
+            with counter.get_lock():
+                counter.value = 0
+            # the longest tasks first (most steps; unpacked cells cost about k times more), so the workers
+            # finish together
+            order = sorted(tasks, key=lambda t: -(examples // t[2]["bs"])
+                           * (1 if pack and t[2]["method"] in PACKABLE else len(t[2]["seeds"])))
+            futures = {pool.submit(_worker_cell, cell): (key, j) for key, j, cell in order}
+            try:
                 pending = set(futures)
                 while pending:
                     done, pending = wait(pending, timeout=2.0, return_when=FIRST_COMPLETED)
                     for f in done:
-                        store(futures[f], f.result())
+                        store(*futures[f], f.result())
                     if bar is not None and counter.value > bar.n:
                         bar.update(min(counter.value, total) - bar.n)
+            finally:  # interrupted or failed: do not leave queued cells running for the next sweep
+                for f in futures:
+                    f.cancel()
             if bar is not None and bar.n < total:
                 bar.update(total - bar.n)
     finally:

@@ -258,6 +258,10 @@ def test_sweep_shapes_and_workers_do_not_change_results():
     assert one.config["examples"] == 16 and one.config["lr_rule"] == "linear"
     two = sweeps.batch_size_sweep(x, y, xv, yv, workers=2, **kw)
     np.testing.assert_array_equal(one.errors, two.errors)
+    pool = sweeps._POOL[0]
+    three = sweeps.batch_size_sweep(x, y, xv, yv, workers=2, **kw)  # the next sweep reuses the pool
+    assert sweeps._POOL[0] is pool and sweeps._POOL[3] == "spawn"
+    np.testing.assert_array_equal(one.errors, three.errors)
     np.testing.assert_allclose(one.final_loss, two.final_loss, rtol=0, atol=0)
 
 
@@ -283,6 +287,10 @@ def test_spawned_workers_give_the_same_results(monkeypatch):
     monkeypatch.setitem(sys.modules, "ipykernel", object())
     two = sweeps.batch_size_sweep(x, y, xv, yv, workers=2, **kw)
     np.testing.assert_array_equal(one.errors, two.errors)
+    pool = sweeps._POOL[0]
+    three = sweeps.batch_size_sweep(x, y, xv, yv, workers=2, **kw)  # the next sweep reuses the pool
+    assert sweeps._POOL[0] is pool and sweeps._POOL[3] == "spawn"
+    np.testing.assert_array_equal(one.errors, three.errors)
 
 def test_sweep_cell_is_the_single_run():
     """One cell of the sweep is the run experiments.train makes with the same settings."""
