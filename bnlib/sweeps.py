@@ -44,6 +44,7 @@ single-threaded, so the results do not depend on the number of workers or cores.
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import math
 import time
@@ -694,6 +695,15 @@ def _start_method() -> str:
 
 
 _POOL = None  # (executor, step counter, workers, start method), kept for the next sweep of this process
+
+
+@atexit.register
+def _shutdown_pool() -> None:
+    """Stop the kept worker pool (at exit, while the modules the executor needs still exist)."""
+    global _POOL
+    if _POOL is not None:
+        _POOL[0].shutdown(wait=True, cancel_futures=True)
+        _POOL = None
 
 
 def _worker_pool(workers: int):
