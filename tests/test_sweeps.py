@@ -260,7 +260,7 @@ def test_sweep_shapes_and_workers_do_not_change_results():
     np.testing.assert_array_equal(one.errors, two.errors)
     pool = sweeps._POOL[0]
     three = sweeps.batch_size_sweep(x, y, xv, yv, workers=2, **kw)  # the next sweep reuses the pool
-    assert sweeps._POOL[0] is pool and sweeps._POOL[3] == "spawn"
+    assert sweeps._POOL[0] is pool and sweeps._POOL[3] == sweeps._start_method()
     np.testing.assert_array_equal(one.errors, three.errors)
     np.testing.assert_allclose(one.final_loss, two.final_loss, rtol=0, atol=0)
 
@@ -289,7 +289,7 @@ def test_spawned_workers_give_the_same_results(monkeypatch):
     np.testing.assert_array_equal(one.errors, two.errors)
     pool = sweeps._POOL[0]
     three = sweeps.batch_size_sweep(x, y, xv, yv, workers=2, **kw)  # the next sweep reuses the pool
-    assert sweeps._POOL[0] is pool and sweeps._POOL[3] == "spawn"
+    assert sweeps._POOL[0] is pool and sweeps._POOL[3] == sweeps._start_method()
     np.testing.assert_array_equal(one.errors, three.errors)
 
 def test_sweep_cell_is_the_single_run():
