@@ -292,6 +292,7 @@ def test_spawned_workers_give_the_same_results(monkeypatch):
     assert sweeps._POOL[0] is pool and sweeps._POOL[3] == sweeps._start_method()
     np.testing.assert_array_equal(one.errors, three.errors)
 
+
 def test_sweep_cell_is_the_single_run():
     """One cell of the sweep is the run experiments.train makes with the same settings."""
     x, y = _data(64)
