@@ -186,6 +186,17 @@ def _size_string(shape: Sequence[int]) -> str:
     return f"torch.Size([{', '.join(str(int(s)) for s in shape)}])"
 
 
+def check_training_run(n_train: int, n_labels: int, steps, batch_size) -> None:
+    """The arguments every training loop shares: ``steps`` a positive int, ``batch_size`` an int in
+    ``[1, n_train]``, and one label per training example."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps: expected a positive int, got {steps!r}")
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= n_train:
+        raise ValueError(f"batch_size: expected an int in [1, {n_train}], got {batch_size!r}")
+    if n_labels != n_train:
+        raise ValueError(f"y_train: expected {n_train} labels to match x_train, got {n_labels}")
+
+
 def check_training_size(shape: Sequence[int]) -> None:
     """Batch statistics need more than one value per channel: ``N * prod(shape[2:]) > 1`` (torch's message)."""
     size = int(shape[0]) if len(shape) > 0 else 1

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _checks
+
 __all__ = ["History", "to_tensors", "make_optimizer", "evaluate", "train", "steps_to_accuracy"]
 
 
@@ -113,12 +115,7 @@ def train(
     ``eval_every`` steps and at the end. Training stops early, with ``history.diverged = True``, if the loss
     becomes NaN or infinite.
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected a positive int, got {steps!r}")
-    if not isinstance(batch_size, int) or not 1 <= batch_size <= len(x_train):
-        raise ValueError(f"batch_size: expected an int in [1, {len(x_train)}], got {batch_size!r}")
-    if len(x_train) != len(y_train):
-        raise ValueError(f"y_train: expected {len(x_train)} labels to match x_train, got {len(y_train)}")
+    _checks.check_training_run(len(x_train), len(y_train), steps, batch_size)
     if (x_eval is None) != (y_eval is None):
         raise ValueError("x_eval, y_eval: give both or neither")
     opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else make_optimizer(

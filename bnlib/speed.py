@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _checks
 from .experiments import History, evaluate, sweep, train
 from .models import make_norm, mlp
 
@@ -290,13 +291,8 @@ def train_packed(model: PackedMLP, x_train, y_train, *, seeds: Sequence[int], st
     seeds = list(seeds)
     if len(seeds) != model.k:
         raise ValueError(f"seeds: expected {model.k} seeds (one per network), got {len(seeds)}")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected a positive int, got {steps!r}")
     n = len(x_train)
-    if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
-        raise ValueError(f"batch_size: expected an int in [1, {n}], got {batch_size!r}")
-    if len(y_train) != n:
-        raise ValueError(f"y_train: expected {n} labels to match x_train, got {len(y_train)}")
+    _checks.check_training_run(n, len(y_train), steps, batch_size)
     if (x_eval is None) != (y_eval is None):
         raise ValueError("x_eval, y_eval: give both or neither")
     if target is not None and (x_eval is None or not 0.0 < target <= 1.0):

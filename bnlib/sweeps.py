@@ -57,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import _checks
 from .models import NORMS, make_norm, mlp, small_cnn
 
 __all__ = [
@@ -494,13 +495,8 @@ def train_packed(model: PackedNet, x_train: torch.Tensor, y_train: torch.Tensor,
     cross-entropies, so each network gets exactly its own gradient. Returns the per-step training losses as a
     NumPy array ``(steps, k)``; a network whose loss became non-finite is marked by NaN from then on.
     """
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected a positive int, got {steps!r}")
     n = len(x_train)
-    if not isinstance(batch_size, int) or not 1 <= batch_size <= n:
-        raise ValueError(f"batch_size: expected an int in [1, {n}], got {batch_size!r}")
-    if len(y_train) != n:
-        raise ValueError(f"y_train: expected {n} labels to match x_train, got {len(y_train)}")
+    _checks.check_training_run(n, len(y_train), steps, batch_size)
     if schedule not in SCHEDULES:
         raise ValueError(f"schedule: expected one of {SCHEDULES}, got {schedule!r}")
     if not 0.0 <= warmup < 1.0:

@@ -105,3 +105,16 @@ def test_plot_curves_labels_bands_and_method_colours():
     with pytest.raises(ValueError, match="missing keys"):
         plotting.plot_curves(ax, [{"x": [1]}], title="t", xlabel="x", ylabel="y")
     plt.close(fig)
+
+
+@pytest.mark.parametrize("kwargs,name", [(dict(steps=0), "steps"), (dict(steps=2.0), "steps"),
+                                         (dict(batch_size=0), "batch_size"), (dict(batch_size=11), "batch_size"),
+                                         (dict(n_labels=9), "y_train")])
+def test_check_training_run_names_the_argument(kwargs, name):
+    from bnlib import _checks
+
+    args = dict(n_train=10, n_labels=10, steps=5, batch_size=4)
+    _checks.check_training_run(**args)  # valid: no error
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=rf"^{name}: expected"):
+        _checks.check_training_run(**args)

@@ -27,7 +27,7 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from .._checks import check_eps, check_momentum
+from .._checks import check_eps, check_momentum, check_training_run
 from .batch_norm import batch_norm, batch_norm_backward
 
 __all__ = ["MLP", "fit", "softmax_cross_entropy", "ACTIVATIONS"]
@@ -357,12 +357,7 @@ def fit(
         raise TypeError(f"model: expected a bnlib.numpy.mlp.MLP, got {type(model).__name__}")
     x_train = model._as_input(x_train)
     y_train = np.asarray(y_train)
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected a positive int, got {steps!r}")
-    if not isinstance(batch_size, int) or not 1 <= batch_size <= len(x_train):
-        raise ValueError(f"batch_size: expected an int in [1, {len(x_train)}], got {batch_size!r}")
-    if len(x_train) != len(y_train):
-        raise ValueError(f"y_train: expected {len(x_train)} labels to match x_train, got {len(y_train)}")
+    check_training_run(len(x_train), len(y_train), steps, batch_size)
     if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
         raise ValueError(f"lr: expected a positive finite number, got {lr!r}")
     if (x_eval is None) != (y_eval is None):
