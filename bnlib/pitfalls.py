@@ -40,6 +40,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._setup import generator
+
 __all__ = [
     "CONVENTIONS",
     "to_torch_momentum",
@@ -326,7 +328,7 @@ def prediction_flip_rate(model: nn.Module, x: torch.Tensor, *, batch_size: int, 
     random batchings (each example lands among different companions). 0 in eval mode by construction."""
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 2:
         raise ValueError(f"repeats: expected an int >= 2, got {repeats!r}")
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     preds = torch.stack([predict(model, x, batch_size=batch_size, train_mode=True,
                                  order=torch.randperm(len(x), generator=gen)) for _ in range(repeats)])
     return (preds != preds[0]).any(0).float().mean().item()
@@ -338,7 +340,7 @@ def _iter_batches(data, batch_size: int, num_batches: Optional[int], seed: int, 
         n = len(data)
         if batch_size > n:
             raise ValueError(f"batch_size: expected at most the {n} examples of data, got {batch_size}")
-        gen = torch.Generator().manual_seed(seed)
+        gen = generator(seed)
         per_epoch = n // batch_size
         total = per_epoch if num_batches is None else num_batches
         done = 0
@@ -495,7 +497,7 @@ def class_sorted_batches(y: torch.Tensor, batch_size: int, *, num_batches: int, 
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches: expected a positive int, got {num_batches!r}")
     per_class = batch_size // classes_per_batch
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     pools = {int(c): torch.nonzero(y == c).flatten() for c in classes}
     for c, pool in pools.items():
         if len(pool) < per_class:
@@ -525,7 +527,7 @@ def iid_batches(n: int, batch_size: int, *, num_batches: int, seed: int = 0):
         raise ValueError(f"n: expected an int >= batch_size={batch_size}, got {n!r}")
     if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
         raise ValueError(f"num_batches: expected a positive int, got {num_batches!r}")
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     order, pos, out = torch.randperm(n, generator=gen), 0, []
     for _ in range(num_batches):
         if pos + batch_size > n:

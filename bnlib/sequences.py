@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._setup import generator
+
 __all__ = ["SEQ_NORMS", "TimeStepNorm", "NormRNN", "rows_as_sequence", "pad_rows", "train_sequence_model",
            "sequence_accuracy"]
 
@@ -244,7 +246,7 @@ def train_sequence_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     if lengths is not None and len(lengths) != len(x):
         raise ValueError(f"lengths: expected {len(x)} lengths to match x, got {len(lengths)}")
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     order, pos, losses = torch.randperm(len(x), generator=gen), 0, []
     model.train()
     bar = None

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
+from ._setup import derive_seed, generator
 from .experiments import History, evaluate, sweep, train
 from .models import make_norm, mlp
 
@@ -96,7 +97,7 @@ def init_linear_(model: nn.Module, init="default", *, seed: int = 0) -> nn.Modul
         raise ValueError(f"init: expected a positive float, 'he', 'glorot' or 'default', got {init!r}")
     if init == "default":
         return model
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     with torch.no_grad():
         for lin in _linears(model):
             fan_out, fan_in = lin.weight.shape
@@ -120,7 +121,7 @@ def sigmoid_mlp(norm: str = "none", *, hidden=(100, 100, 100), init=0.05, seed: 
     eq. (6)). Weights are initialized by :func:`init_linear_` with ``init`` (default N(0, 0.05^2)).
     """
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(derive_seed(seed))
         model = mlp(784, tuple(hidden), 10, activation="sigmoid", norm=norm, dropout=dropout, **norm_kwargs)
     return init_linear_(model, init, seed=seed).to(device)
 
@@ -136,7 +137,7 @@ def article_model(use_bn: bool, *, momentum: float = 0.01, eps: float = 1e-3, dr
     """
     norm_kwargs = {"momentum": momentum, "eps": eps} if use_bn else {}
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(derive_seed(seed))
         model = mlp(784, (128,), 10, activation="relu", norm="bn" if use_bn else "none", norm_position="after",
                     dropout=dropout, **norm_kwargs)
     return init_linear_(model, init, seed=seed).to(device)
@@ -298,7 +299,7 @@ def train_packed(model: PackedMLP, x_train, y_train, *, seeds: Sequence[int], st
     if target is not None and (x_eval is None or not 0.0 < target <= 1.0):
         raise ValueError(f"target: expected an accuracy in (0, 1] and evaluation data, got {target!r}")
     opt = make_optimizer(model, optimizer, lr, momentum)
-    gens = [torch.Generator().manual_seed(s) for s in seeds]
+    gens = [generator(s) for s in seeds]
     hists = [History() for _ in seeds]
     k, device = model.k, x_train.device
     alive = torch.ones(k, dtype=torch.bool)
@@ -659,7 +660,7 @@ def bn_output_noise(model: nn.Module, x_example: torch.Tensor, x_pool: torch.Ten
     for m in net.modules():
         if isinstance(m, nn.Dropout):
             m.eval()
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     x_example = x_example.reshape(1, *x_pool.shape[1:])
     outs = []
     for _ in range(n_batches):
@@ -698,7 +699,7 @@ def deep_mlp(depth: int, *, width: int = 64, norm: str = "none", residual: bool 
     if not isinstance(width, int) or width < 1:
         raise ValueError(f"width: expected a positive int, got {width!r}")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(derive_seed(seed))
         if not residual:
             model = mlp(784, (width,) * depth, 10, activation="relu", norm=norm)
         else:

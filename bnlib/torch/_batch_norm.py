@@ -28,7 +28,8 @@ each with its own statistics) and batch renormalization.
 """
 from __future__ import annotations
 
-from typing import Optional
+import warnings
+from typing import NamedTuple, Optional, Tuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -37,7 +38,7 @@ from .. import _checks
 from ._common import (cast_like, channel_view, check_input, check_param, compute_dtype, save_norm_context,
                       saved_norm_context, update_running_stats)
 
-__all__ = ["batch_norm", "BACKENDS"]
+__all__ = ["batch_norm", "BACKENDS", "VERIFIED_TRITON_ARCHS", "VerifiedArch"]
 
 BACKENDS = ("auto", "torch", "triton")
 
@@ -212,12 +213,56 @@ def _triton_module():
     return triton_bn
 
 
+class VerifiedArch(NamedTuple):
+    """One GPU architecture on which the Triton kernels were run and checked (see
+    :data:`VERIFIED_TRITON_ARCHS`)."""
+
+    capability: Tuple[int, int]  #: ``torch.cuda.get_device_capability()``, e.g. ``(9, 0)`` for sm_90
+    device: str  #: ``torch.cuda.get_device_name()`` of the GPU it was checked on
+    date: str  #: ``YYYY-MM-DD`` of the run
+    verified: str  #: what was checked (tests, benchmarks, shapes, dtypes)
+
+
+#: The GPU architectures on which :mod:`bnlib.torch.triton_bn` was run on a real GPU and checked against
+#: torch; ``backend='auto'`` uses the Triton kernels only on these (see :func:`batch_norm`). Add an entry only
+#: after such a run, with what it checked. Empty: the kernels have so far only run in Triton's CPU interpreter
+#: (``TRITON_INTERPRET=1``) and been compiled ahead of time (``triton_bn.compile_report``); no GPU run was made.
+VERIFIED_TRITON_ARCHS: Tuple[VerifiedArch, ...] = ()
+
+_WARNED_ARCHS: set = set()  # the capabilities for which 'auto' already said it falls back (once per process)
+
+
+def _cuda_capability(x: torch.Tensor) -> Optional[Tuple[int, int]]:
+    """``(major, minor)`` compute capability of ``x``'s CUDA device, or ``None`` when ``x`` is not on CUDA."""
+    if not x.is_cuda:
+        return None
+    return tuple(torch.cuda.get_device_capability(x.device))
+
+
+def _triton_verified(capability: Tuple[int, int]) -> bool:
+    return any(tuple(arch.capability) == tuple(capability) for arch in VERIFIED_TRITON_ARCHS)
+
+
+def _warn_unverified(capability: Tuple[int, int]) -> None:
+    capability = tuple(capability)
+    if capability in _WARNED_ARCHS:
+        return
+    _WARNED_ARCHS.add(capability)
+    major, minor = capability
+    verified = ", ".join(f"sm_{a.capability[0]}{a.capability[1]}" for a in VERIFIED_TRITON_ARCHS) or "none"
+    warnings.warn(f"bnlib.torch batch_norm, backend='auto': the Triton kernels are unverified on this GPU "
+                  f"architecture (sm_{major}{minor}, compute capability {major}.{minor}; verified: {verified}, "
+                  "see bnlib.torch.VERIFIED_TRITON_ARCHS), so the torch-ops path is used. Pass backend='triton' "
+                  "to force the Triton kernels. (Said once per architecture.)", RuntimeWarning, stacklevel=4)
+
+
 def _use_triton(x: torch.Tensor, backend: str) -> bool:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}")
     if backend == "torch":
         return False
-    if backend == "auto" and not x.is_cuda:
+    capability = _cuda_capability(x)
+    if backend == "auto" and capability is None:
         return False
     mod = _triton_module()
     available = mod is not None and bool(mod.is_available(x))
@@ -226,6 +271,9 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
                            "a float32/float16/bfloat16 input and a CUDA device (or TRITON_INTERPRET=1); got a "
                            f"{str(x.dtype).replace('torch.', '')} tensor on {x.device} with bnlib.torch.triton_bn "
                            f"{'importable' if mod else 'not importable'}. Use backend='torch' or 'auto'.")
+    if backend == "auto" and available and not _triton_verified(capability):
+        _warn_unverified(capability)
+        return False
     return available
 
 
@@ -321,8 +369,12 @@ def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runnin
         momentum: weight of the new batch in the running averages, in [0, 1]; ``None`` for the cumulative
             average, which needs ``num_batches_tracked`` (batches seen including this one; not incremented).
         eps: added to the variance, > 0.
-        backend: ``'torch'`` (the hand-written path here), ``'triton'`` (:mod:`bnlib.torch.triton_bn`; needs
-            CUDA or ``TRITON_INTERPRET=1``) or ``'auto'`` (Triton for CUDA tensors when triton imports).
+        backend: ``'torch'`` (the hand-written torch-ops path here), ``'triton'`` (:mod:`bnlib.torch.triton_bn`,
+            forced whatever the GPU; needs CUDA or ``TRITON_INTERPRET=1``, else RuntimeError) or ``'auto'``:
+            the Triton kernels for a CUDA tensor only when triton imports, the dtype is supported and the
+            device's compute capability is in :data:`VERIFIED_TRITON_ARCHS` (so far empty: no GPU run of the
+            kernels has been made); otherwise the torch-ops path, with a ``RuntimeWarning`` once per
+            architecture when a CUDA tensor falls back for want of verification. CPU tensors: torch-ops path.
 
     The backward pass is the hand-derived closed form (see the module docstring); it is
     ``once_differentiable`` (no double backward). Statistics are accumulated in float32 for

@@ -4,11 +4,13 @@ import subprocess
 import sys
 import textwrap
 import types
+import warnings
 
 import pytest
 import torch
 
 from bnlib.torch import _batch_norm
+from bnlib.torch import modules as bnlib_modules
 from bnlib.torch import functional as BF
 
 
@@ -105,3 +107,93 @@ def test_triton_backend_matches_torch_backend_interpreted():
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().endswith("ok")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# backend='auto' on CUDA: Triton only on the architectures in VERIFIED_TRITON_ARCHS. CUDA is simulated by
+# patching _cuda_capability (the one function the dispatch asks "on CUDA, which architecture?"), and the two
+# implementations are replaced by spies, so these run on a CPU-only machine.
+# ----------------------------------------------------------------------------------------------------------
+def _spy_paths(monkeypatch, capability):
+    mod, triton_calls = _stub()
+    monkeypatch.setattr(_batch_norm, "_triton_module", lambda: mod)
+    monkeypatch.setattr(_batch_norm, "_cuda_capability", lambda x: capability)
+    monkeypatch.setattr(_batch_norm, "_WARNED_ARCHS", set())
+    torch_calls = []
+    real_apply = _batch_norm.BatchNormFunction.apply
+    monkeypatch.setattr(_batch_norm.BatchNormFunction, "apply",
+                        lambda *a: torch_calls.append("torch") or real_apply(*a))
+    return triton_calls, torch_calls
+
+
+def _run(backend):
+    x = torch.randn(6, 3, 4)
+    return BF.batch_norm(x, torch.zeros(3), torch.ones(3), torch.rand(3), None, True, backend=backend)
+
+
+def test_verified_list_is_empty_and_well_formed():
+    assert _batch_norm.VERIFIED_TRITON_ARCHS == ()  # no GPU run has been made: do not add an entry without one
+    import bnlib.torch
+    assert bnlib.torch.VERIFIED_TRITON_ARCHS is _batch_norm.VERIFIED_TRITON_ARCHS
+    for arch in _batch_norm.VERIFIED_TRITON_ARCHS:
+        assert isinstance(arch, _batch_norm.VerifiedArch)
+        assert len(arch.capability) == 2 and all(isinstance(v, int) for v in arch.capability)
+        assert arch.device and arch.verified and len(arch.date) == 10
+
+
+def test_auto_unverified_arch_uses_torch_path_and_warns_once(monkeypatch):
+    triton_calls, torch_calls = _spy_paths(monkeypatch, (8, 6))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")  # the once-only must come from bnlib, not from Python's filter
+        _run("auto")
+        _run("auto")
+        m = bnlib_modules.BatchNorm1d(3)  # the modules go through the same dispatch
+        m(torch.randn(6, 3, 4))
+    assert triton_calls == [] and torch_calls == ["torch"] * 3
+    msgs = [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+    assert len(msgs) == 1, msgs
+    assert "sm_86" in msgs[0] and "8.6" in msgs[0] and "unverified" in msgs[0]
+    assert "backend='triton'" in msgs[0]
+    # another unverified architecture is named once too
+    monkeypatch.setattr(_batch_norm, "_cuda_capability", lambda x: (9, 0))
+    with pytest.warns(RuntimeWarning, match="sm_90"):
+        _run("auto")
+    assert triton_calls == [] and torch_calls == ["torch"] * 4
+
+
+def test_auto_verified_arch_uses_triton_path(monkeypatch):
+    triton_calls, torch_calls = _spy_paths(monkeypatch, (9, 0))
+    arch = _batch_norm.VerifiedArch((9, 0), "simulated GPU", "2000-01-01", "test only")
+    monkeypatch.setattr(_batch_norm, "VERIFIED_TRITON_ARCHS", (arch,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback warning on a verified architecture
+        _run("auto")
+    assert triton_calls == ["forward"] and torch_calls == []
+    # a different architecture is still unverified
+    monkeypatch.setattr(_batch_norm, "_cuda_capability", lambda x: (8, 0))
+    with pytest.warns(RuntimeWarning, match=r"sm_80.*verified: sm_90"):
+        _run("auto")
+    assert triton_calls == ["forward"] and torch_calls == ["torch"]
+
+
+@pytest.mark.parametrize("capability", [(8, 6), (9, 0), None])
+def test_triton_forced_regardless_of_arch(monkeypatch, capability):
+    triton_calls, torch_calls = _spy_paths(monkeypatch, capability)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run("triton")
+    assert triton_calls == ["forward"] and torch_calls == []
+    _run("torch")
+    assert triton_calls == ["forward"] and torch_calls == ["torch"]
+
+
+def test_auto_on_cpu_unchanged(monkeypatch):
+    triton_calls, torch_calls = _spy_paths(monkeypatch, None)  # not a CUDA tensor
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _run("auto")
+    assert triton_calls == [] and torch_calls == ["torch"]
+
+
+def test_cuda_capability_of_cpu_tensor_is_none():
+    assert _batch_norm._cuda_capability(torch.randn(2, 3)) is None

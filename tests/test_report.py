@@ -1,0 +1,38 @@
+"""bnlib.report: the output policy's helpers."""
+import numpy as np
+import pytest
+import torch
+
+from bnlib.report import eps_of, glue, rounding_bound, spread
+
+
+def test_rounding_bound_states_only_the_bound_and_asserts_it():
+    line = rounding_bound("max |a - b|", 3.0e-7, torch.float32, within=8)
+    assert line == "max |a - b| < 8 eps (float32, eps = 1.2e-07)"
+    assert rounding_bound("d", 2.9e-7, "float32", within=8) == line.replace("max |a - b|", "d")  # same text
+    with pytest.raises(AssertionError, match="above the stated bound of 8 eps"):
+        rounding_bound("d", 1.1e-5, "float32", within=8)
+    assert "x 100" in rounding_bound("d", 1e-14, np.float64, within=1, scale=100.0)
+    with pytest.raises(ValueError, match="error"):
+        rounding_bound("d", float("nan"), "float64", within=1)
+    with pytest.raises(ValueError, match="dtype"):
+        eps_of("int32")
+
+
+def test_spread_is_median_and_range():
+    assert spread([0.91, 0.95, 0.90]) == "0.910 [0.900, 0.950]"
+    assert spread([3, 1, 2], ".0f") == "2 [1, 3]"
+    with pytest.raises(ValueError):
+        spread([])
+
+
+def test_glue_records_the_value_for_the_prose(monkeypatch):
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda *a, **k: shown.append((a, k)))
+    import myst_nb.ext.glue as myst_glue
+
+    monkeypatch.setattr(myst_glue, "ipy_display", lambda *a, **k: shown.append((a, k)))
+    glue("speedup", "12x")
+    (bundle,), kwargs = shown[-1]
+    assert bundle == {"application/papermill.record/text/plain": "'12x'"}
+    assert kwargs["metadata"]["scrapbook"]["name"] == "speedup"
