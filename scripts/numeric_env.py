@@ -4,8 +4,8 @@
     env $(python scripts/numeric_env.py other) pytest ...     # emulates the other kind of x86 processor
 
 Floating-point sums depend on the order of their terms, and the order depends on the processor: torch's
-kernels, oneDNN's convolutions, MKL's and OpenBLAS's matrix products and NumPy's reductions each pick a code
-path by the widest SIMD unit they find (AVX-512 on recent Intel Xeons and AMD Zen 4, AVX2 on older AMD EPYCs).
+kernels, oneDNN's convolutions, MKL's and OpenBLAS's matrix products and NumPy's dispatched loops each pick
+a code path by the widest SIMD unit they find (AVX-512 on recent Intel Xeons and AMD Zen 4, AVX2 on older AMD EPYCs).
 SGD amplifies the last bit, so a notebook whose stored outputs were made on one processor is checked on the
 other too. ``make test`` runs the unit tests and every notebook under both configurations:
 
@@ -13,7 +13,9 @@ other too. ``make test`` runs the unit tests and every notebook under both confi
   on a 2-core machine);
 - ``other``: torch's portable (non-SIMD-specific) kernels, MKL's processor-independent path, and oneDNN,
   OpenBLAS and NumPy held one SIMD level below what this processor offers (AVX2 on an AVX-512 processor, SSE
-  on an AVX2 one). Every sum then runs in an order that neither kind of processor uses natively. ``tests/test_numeric_env.py`` checks that the two configurations really give
+  on an AVX2 one). Every torch sum then runs in an order that neither kind of processor uses natively.
+  NumPy's own reductions (pairwise summation in a fixed block order) give the same bits on every x86
+  processor, so pure-NumPy results rarely change here; its matrix products (OpenBLAS) do. ``tests/test_numeric_env.py`` checks that the two configurations really give
   different full-precision results.
 """
 from __future__ import annotations

@@ -11,7 +11,12 @@ def draw():
     return random.random(), np.random.rand(), torch.rand(1).item()
 
 
-def test_setup_seeds_everything_and_returns_device(capsys):
+def test_setup_seeds_everything_and_returns_device(capsys, monkeypatch):
+    # setup() exports the base seed as $BNLIB_SEED: monkeypatch (setenv records the variable's state before the
+    # test) restores it afterwards, so the tests that run later in this process see base seed 0 again
+    # (tests/test_sweeps.py builds its single networks after torch.manual_seed(seed))
+    monkeypatch.setenv("BNLIB_SEED", "0")
+    monkeypatch.delenv("BNLIB_SEED")
     device = bnlib.setup(seed=3)
     first = draw()
     assert "seed: 3" in capsys.readouterr().out

@@ -7,6 +7,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import bnlib.numpy as bnp
+from _numerics import assert_error_within
 from _np_testutils import FAST, bn_axes, channel_view, close, nc_shapes, numeric_grad, rand, t
 
 
@@ -228,8 +229,14 @@ def test_float32_in_float32_out_and_close_to_torch():
     xt, wt = torch.tensor(x, requires_grad=True), torch.tensor(w, requires_grad=True)
     yt = F.batch_norm(xt, None, None, wt, None, training=True)
     yt.backward(torch.tensor(dy))
-    np.testing.assert_allclose(y, yt.detach().numpy(), atol=1e-5)
-    np.testing.assert_allclose(dx, xt.grad.numpy(), atol=1e-5)
+    # float32 rounding depends on the processor's summation order: judge both against the float64 result on the
+    # same inputs, bnlib within a few times torch's float32 error (tests/_numerics.py)
+    x64, w64, dy64 = x.astype(np.float64), w.astype(np.float64), dy.astype(np.float64)
+    y64 = bnp.batch_norm(x64, None, None, w64, None, training=True)
+    dx64, dw64, db64 = bnp.batch_norm_backward(dy64, x64, w64)
+    assert_error_within(y, yt.detach().numpy(), y64, what="output")
+    assert_error_within(dx, xt.grad.numpy(), dx64, what="input gradient")
+    assert_error_within(dw, wt.grad.numpy(), dw64, what="weight gradient")
 
 
 def test_non_contiguous_input():
