@@ -18,7 +18,10 @@ evaluation (or folded away)        2  (x, y) / 0    ``2bE`` / nothing
 ================================  ===============  ==========================================
 
 All timers report the **median** of repeats (robust to the other processes sharing the machine) together
-with the quartiles; CUDA work is synchronized before the clock is read.
+with the quartiles; CUDA work is synchronized before the clock is read. To *compare* several variants, time
+them with :func:`interleaved_times`: they take turns, sample by sample, so a change in the load of a shared
+machine during the measurement affects all of them alike and their ratios stay meaningful.
+:func:`training_step`, :func:`inference_call` and :func:`batch_norm_step` build the functions to time.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, Hashable, List, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -35,6 +38,10 @@ from torch import nn
 __all__ = [
     "Timing",
     "median_time",
+    "interleaved_times",
+    "training_step",
+    "inference_call",
+    "batch_norm_step",
     "TENSOR_PASSES",
     "bn_bytes",
     "copy_bandwidth",
@@ -65,28 +72,67 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _check_counts(repeats, warmup, number) -> None:
+    for name, v, lo in (("repeats", repeats, 1), ("warmup", warmup, 0), ("number", number, 1)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
+            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+
+
+def _timing(samples: List[float]) -> Timing:
+    qs = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
+    return Timing(statistics.median(samples), qs[0], qs[2], samples)
+
+
+def _sample(fn, number: int, device) -> float:
+    t0 = time.perf_counter()
+    for _ in range(number):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - t0) / number
+
+
 def median_time(fn: Callable[[], object], *, repeats: int = 10, warmup: int = 2, number: int = 1,
                 device=None) -> Timing:
     """Time ``fn()``: ``warmup`` untimed calls, then ``repeats`` samples of ``number`` calls each.
 
     Returns seconds *per call*. ``device``: synchronize this CUDA device around each sample."""
-    for name, v, lo in (("repeats", repeats, 1), ("warmup", warmup, 0), ("number", number, 1)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    _check_counts(repeats, warmup, number)
     if not callable(fn):
         raise TypeError(f"fn must be callable, got {type(fn).__name__}")
     for _ in range(warmup):
         fn()
     _sync(device)
-    samples = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(number):
+    return _timing([_sample(fn, number, device) for _ in range(repeats)])
+
+
+def interleaved_times(fns: Mapping[Hashable, Callable[[], object]], *, repeats: int = 10, warmup: int = 2,
+                      number: int = 1, device=None) -> Dict[Hashable, Timing]:
+    """Time several functions *in turns*: ``warmup`` untimed rounds, then ``repeats`` rounds in which every
+    function gives one sample of ``number`` calls, in the order of ``fns``.
+
+    Sample ``k`` of every function is taken in the same round, so a change in the load of a shared machine
+    during the measurement hits all of them alike: their ratios, unlike those of timings taken one after the
+    other (:func:`median_time`), do not depend on when the load changed. Returns a :class:`Timing` (seconds per
+    call) for each key of ``fns``, in the same order.
+
+    >>> t = interleaved_times({"a": f, "b": g}, repeats=9)
+    >>> t["b"].median / t["a"].median
+    """
+    _check_counts(repeats, warmup, number)
+    if not isinstance(fns, Mapping) or not fns:
+        raise ValueError(f"fns must be a non-empty mapping of name -> callable, got {fns!r}")
+    for key, fn in fns.items():
+        if not callable(fn):
+            raise TypeError(f"fns[{key!r}] must be callable, got {type(fn).__name__}")
+    for _ in range(warmup):
+        for fn in fns.values():
             fn()
-        _sync(device)
-        samples.append((time.perf_counter() - t0) / number)
-    qs = statistics.quantiles(samples, n=4) if len(samples) > 1 else [samples[0]] * 3
-    return Timing(statistics.median(samples), qs[0], qs[2], samples)
+    _sync(device)
+    samples: Dict[Hashable, List[float]] = {key: [] for key in fns}
+    for _ in range(repeats):
+        for key, fn in fns.items():
+            samples[key].append(_sample(fn, number, device))
+    return {key: _timing(s) for key, s in samples.items()}
 
 
 #: Tensor-sized passes over memory (reads + writes) of each batch-norm kernel design.
@@ -143,10 +189,10 @@ def roofline_time(nbytes: float, bandwidth: float) -> float:
     return nbytes / bandwidth
 
 
-def time_batch_norm(x: torch.Tensor, impl: str = "torch", *, backward: bool = False, repeats: int = 10,
-                    warmup: int = 2) -> Timing:
-    """Time one training-mode batch norm of ``x`` (forward, or forward + backward with ``backward=True``)
-    with affine parameters and running statistics.
+def batch_norm_step(x: torch.Tensor, impl: str = "torch", *, backward: bool = False) -> Callable[[], None]:
+    """A function that runs one training-mode batch norm of ``x`` (forward, or forward + backward with
+    ``backward=True``) with affine parameters and running statistics, for :func:`median_time` or
+    :func:`interleaved_times`.
 
     ``impl``: ``'torch'`` (``torch.nn.functional.batch_norm``: native CPU kernels, cuDNN on GPUs),
     ``'bnlib'`` (:func:`bnlib.torch.functional.batch_norm` with ``backend='torch'``, the hand-derived
@@ -177,13 +223,22 @@ def time_batch_norm(x: torch.Tensor, impl: str = "torch", *, backward: bool = Fa
             with torch.no_grad():
                 f()
 
-    return median_time(step, repeats=repeats, warmup=warmup, device=x.device)
+    return step
 
 
-def time_training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, repeats: int = 10,
-                       warmup: int = 2, lr: float = 0.01) -> Timing:
-    """Median time of one SGD training step (forward, cross-entropy, backward, update) of a *copy* of
-    ``model`` on the batch ``(x, target)``; ``model`` itself is not changed."""
+def time_batch_norm(x: torch.Tensor, impl: str = "torch", *, backward: bool = False, repeats: int = 10,
+                    warmup: int = 2) -> Timing:
+    """Median time of :func:`batch_norm_step` ``(x, impl, backward=backward)``."""
+    return median_time(batch_norm_step(x, impl, backward=backward), repeats=repeats, warmup=warmup,
+                       device=x.device)
+
+
+def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, lr: float = 0.01
+                  ) -> Callable[[], None]:
+    """A function that runs one SGD training step (forward, cross-entropy, backward, update) of a *copy* of
+    ``model`` on the batch ``(x, target)``; ``model`` itself is never changed."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     m = copy.deepcopy(model).train()
     opt = torch.optim.SGD(m.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
@@ -193,18 +248,33 @@ def time_training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, 
         loss_fn(m(x), target).backward()
         opt.step()
 
-    return median_time(step, repeats=repeats, warmup=warmup, device=x.device)
+    return step
 
 
-def time_inference(model: nn.Module, x: torch.Tensor, *, repeats: int = 10, warmup: int = 2) -> Timing:
-    """Median time of ``model(x)`` in evaluation mode under ``torch.no_grad()`` (``model`` is put in eval)."""
+def time_training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, repeats: int = 10,
+                       warmup: int = 2, lr: float = 0.01) -> Timing:
+    """Median time of one SGD training step (forward, cross-entropy, backward, update) of a *copy* of
+    ``model`` on the batch ``(x, target)``; ``model`` itself is not changed."""
+    return median_time(training_step(model, x, target, lr=lr), repeats=repeats, warmup=warmup, device=x.device)
+
+
+def inference_call(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
+    """A function that computes ``model(x)`` in evaluation mode under ``torch.no_grad()`` (``model`` is put in
+    eval now)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     model.eval()
 
     def run():
         with torch.no_grad():
             model(x)
 
-    return median_time(run, repeats=repeats, warmup=warmup, device=x.device)
+    return run
+
+
+def time_inference(model: nn.Module, x: torch.Tensor, *, repeats: int = 10, warmup: int = 2) -> Timing:
+    """Median time of ``model(x)`` in evaluation mode under ``torch.no_grad()`` (``model`` is put in eval)."""
+    return median_time(inference_call(model, x), repeats=repeats, warmup=warmup, device=x.device)
 
 
 def sync_bn_communication_bytes(num_features: int, world_size: int,

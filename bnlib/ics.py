@@ -22,6 +22,9 @@ Scale invariance
 Training callback
     :class:`Microscope` (all of the above at chosen intervals, for :func:`bnlib.experiments.train`) and
     :func:`rolling_median` (to plot its noisy per-step series).
+Training speed
+    :func:`steps_to_sustained_accuracy`: when the test accuracy, averaged over a window of steps, first reaches
+    a target (one lucky evaluation does not count).
 """
 from __future__ import annotations
 
@@ -46,7 +49,7 @@ __all__ = [
     "NoisyBatchNorm1d", "NoisyBatchNorm2d", "add_noise",
     "LandscapeResult", "landscape_probe",
     "scale_invariance", "effective_lr", "angular_update", "weight_norm",
-    "Microscope", "MicroscopeRecord", "rolling_median",
+    "Microscope", "MicroscopeRecord", "rolling_median", "steps_to_sustained_accuracy",
 ]
 
 _ACTIVATION_TYPES = (nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.LeakyReLU, nn.ELU, nn.SiLU)
@@ -582,6 +585,31 @@ def rolling_median(values, window: int = 5) -> np.ndarray:
     half = window // 2
     return np.stack([np.median(a[max(0, i - half): i + half + 1], axis=0) for i in range(len(a))]) if len(a) \
         else a
+
+
+def steps_to_sustained_accuracy(history, target: float, window: int = 50) -> Optional[int]:
+    """The first evaluation step ``s`` at which the mean test accuracy over the evaluations of the last
+    ``window`` steps, ``s - window < step <= s``, reaches ``target``; ``None`` if it never does.
+
+    ``history`` is a :class:`bnlib.experiments.History` (``eval_steps``, ``eval_acc``). Unlike
+    :func:`bnlib.experiments.steps_to_accuracy` (the first single evaluation at or above ``target``), one lucky
+    evaluation on a slowly rising, noisy curve does not count, so the result moves little when the run itself
+    moves a little (another seed of the evaluation noise, another processor's rounding). Evaluate often
+    (several evaluations per window). Before step ``window`` the average includes the evaluation at step 0.
+    """
+    if not (isinstance(target, numbers.Real) and not isinstance(target, bool) and 0 < target <= 1):
+        raise ValueError(f"target: expected an accuracy in (0, 1], got {target!r}")
+    if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+        raise ValueError(f"window: expected a positive int (steps), got {window!r}")
+    steps = np.asarray(getattr(history, "eval_steps", None), dtype=np.float64)
+    acc = np.asarray(getattr(history, "eval_acc", None), dtype=np.float64)
+    if steps.ndim != 1 or steps.shape != acc.shape:
+        raise ValueError("history: expected eval_steps and eval_acc of the same length")
+    for s in steps:
+        inside = (steps > s - window) & (steps <= s)
+        if acc[inside].mean() >= target:
+            return int(s)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -43,6 +43,29 @@ def test_median_time_counts_calls_and_orders_quartiles():
         cost.median_time(3)
 
 
+def test_interleaved_times_take_turns():
+    order = []
+    fns = {"a": lambda: order.append("a"), ("b", 2): lambda: order.append("b")}
+    times = cost.interleaved_times(fns, repeats=4, warmup=1, number=2)
+    assert list(times) == ["a", ("b", 2)]                     # the keys, in the order given
+    assert order == ["a", "b"] + ["a", "a", "b", "b"] * 4     # warmup round, then one sample of each per round
+    for t in times.values():
+        assert len(t.samples) == 4 and t.q1 <= t.median <= t.q3
+
+
+def test_interleaved_times_bad_input():
+    with pytest.raises(ValueError, match="fns"):
+        cost.interleaved_times({})
+    with pytest.raises(ValueError, match="fns"):
+        cost.interleaved_times([lambda: None])
+    with pytest.raises(TypeError, match=r"fns\['x'\]"):
+        cost.interleaved_times({"x": 3})
+    with pytest.raises(ValueError, match="repeats"):
+        cost.interleaved_times({"x": lambda: None}, repeats=0)
+    with pytest.raises(ValueError, match="number"):
+        cost.interleaved_times({"x": lambda: None}, number=0)
+
+
 def test_bandwidth_helpers():
     bw = cost.copy_bandwidth(2**20, repeats=3, warmup=1)
     assert bw > 1e6  # more than a megabyte per second, on any machine
@@ -77,6 +100,26 @@ def test_training_step_and_inference_timers_leave_the_model_alone():
         assert torch.equal(v, before[k]), k
     inf = cost.time_inference(model, x, repeats=2, warmup=0)
     assert inf.median > 0 and not model.training
+    # the building blocks of interleaved timings: a training step trains a copy, inference changes nothing
+    model.train()
+    step_fn, infer_fn = cost.training_step(model, x, t, lr=0.1), cost.inference_call(model, x)
+    assert not model.training
+    times = cost.interleaved_times({"step": step_fn, "inference": infer_fn}, repeats=2, warmup=1)
+    assert set(times) == {"step", "inference"}
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(TypeError, match="model"):
+        cost.training_step(lambda v: v, x, t)
+    with pytest.raises(TypeError, match="model"):
+        cost.inference_call(None, x)
+
+
+def test_batch_norm_step_runs_and_checks_impl():
+    x = torch.randn(4, 3, 5, 5)
+    for backward in (False, True):
+        cost.batch_norm_step(x, "bnlib", backward=backward)()
+    with pytest.raises(ValueError, match="impl"):
+        cost.batch_norm_step(x, "numpy")
 
 
 def test_sync_bn_communication_bytes():
