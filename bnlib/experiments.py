@@ -139,7 +139,7 @@ def train(
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc=desc, leave=False)
+        bar = tqdm(total=steps, desc=desc, leave=False, mininterval=1.0)  # redraws are front-end messages
     for step in range(1, steps + 1):
         if pos + batch_size > n:
             order, pos = torch.randperm(n, generator=gen), 0
@@ -207,7 +207,7 @@ def sweep(fn: Callable, grid: dict, *, progress: bool = True, desc: str = "sweep
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(points), desc=desc, leave=False)
+        bar = tqdm(total=len(points), desc=desc, leave=False, mininterval=1.0)
     records = []
     try:
         for point in points:

@@ -558,7 +558,7 @@ def train_on_batches(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batches
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(batches), desc=desc, leave=False)
+        bar = tqdm(total=len(batches), desc=desc, leave=False, mininterval=1.0)   # redraws are front-end messages
     for step, idx in enumerate(batches, start=1):
         if callback is not None:
             callback(step, model)

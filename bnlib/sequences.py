@@ -25,7 +25,9 @@ Sequences of different lengths: ``forward(x, lengths)`` reads sequence ``i`` for
 normalization sees only the sequences still running (no padding enters the batch statistics).
 
 Data helpers: :func:`rows_as_sequence` (MNIST images read row by row, optionally with blank rows added before
-or after the digit) and :func:`train_sequence_model`.
+or after the digit) and :func:`train_sequence_model`. :func:`train_sequence_models` trains several networks of
+one configuration (different initial seeds) on the same batches as one batched model, which costs much less
+than training them one after the other (the cell's small matrix products are dominated by per-step overhead).
 """
 from __future__ import annotations
 
@@ -39,7 +41,7 @@ from torch import nn
 from ._setup import generator
 
 __all__ = ["SEQ_NORMS", "TimeStepNorm", "NormRNN", "rows_as_sequence", "pad_rows", "train_sequence_model",
-           "sequence_accuracy"]
+           "train_sequence_models", "sequence_accuracy"]
 
 SEQ_NORMS = ("none", "bn", "bn_shared", "bln", "ln")
 
@@ -100,17 +102,19 @@ class TimeStepNorm(nn.Module):
                 raise ValueError(f"t: step {t} is beyond the {self.max_steps} steps this layer has statistics "
                                  "for (beyond='error')")
             t = self.max_steps - 1
-        norm = self.norms[t]
+        return self._normalize(x, t) * self.weight + self.bias
+
+    def _normalize(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        """Step ``t``'s normalization without the shared affine (``t`` already checked)."""
+        norm = self.norms[min(t, self.max_steps - 1)]
         if self.training and x.shape[0] < self.min_batch:
             self.fallbacks += 1
             norm.eval()
             try:
-                out = norm(x)
+                return norm(x)
             finally:
                 norm.train()
-        else:
-            out = norm(x)
-        return out * self.weight + self.bias
+        return norm(x)
 
     def extra_repr(self) -> str:
         return f"{self.num_features}, max_steps={self.max_steps}, kind={self.kind!r}, beyond={self.beyond!r}"
@@ -253,7 +257,7 @@ def train_sequence_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc=desc, leave=False)
+        bar = tqdm(total=steps, desc=desc, leave=False, mininterval=1.0)   # redraws are front-end messages
     for step in range(1, steps + 1):
         if pos + batch_size > len(x):
             order, pos = torch.randperm(len(x), generator=gen), 0
@@ -274,6 +278,229 @@ def train_sequence_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
             break
     if bar is not None:
         bar.close()
+    return losses
+
+
+class _SeedEnsemble(nn.Module):
+    """``S`` :class:`NormRNN` of one configuration as one batched model, for training only.
+
+    The linear maps are stacked along a leading member axis (``bmm``); the normalization is batched where that
+    is exact: per-step batch norm over ``S * H`` features (each feature's statistics are over the batch only, so
+    member ``s`` gets exactly its own), layer norm over the last axis of ``(S, N, H)``, batch-layer norm as the
+    mix of the two that it is, all with stacked affines, and a stacked bias for ``none``. Anything else
+    (``bn_shared``, unusual normalization settings) calls each member's own module on its slice.
+    :meth:`write_back` copies the trained parameters and running statistics into the members.
+    """
+
+    def __init__(self, models) -> None:
+        super().__init__()
+        m0 = models[0]
+        self.S, self.H, self.kind = len(models), m0.hidden_size, m0.norm_kind
+
+        def stack(get):
+            return nn.Parameter(torch.stack([get(m).detach().clone() for m in models]))
+
+        self.wx = stack(lambda m: m.w_x.weight.t())      # (S, F, H)
+        self.bx = stack(lambda m: m.w_x.bias)            # (S, H)
+        self.wh = stack(lambda m: m.w_h.weight.t())      # (S, H, H)
+        self.wo = stack(lambda m: m.head.weight.t())     # (S, H, C)
+        self.bo = stack(lambda m: m.head.bias)           # (S, C)
+        self.mode = "loop"
+        bt = _bt()
+        if self.kind == "none":
+            self.mode = "bias"
+            self.b = stack(lambda m: m.bias)
+        elif self.kind == "ln" and all(m.norm.weight is not None and m.norm.bias is not None for m in models):
+            self.mode = "ln"
+            self.ln = bt.LayerNorm(self.H, eps=m0.norm.eps, elementwise_affine=False)
+            self.g = stack(lambda m: m.norm.weight)
+            self.b = stack(lambda m: m.norm.bias)
+        elif self.kind in ("bn", "bln") and all(
+                type(n) is (bt.BatchNorm1d if self.kind == "bn" else bt.BatchLayerNorm) and n.track_running_stats
+                and n.momentum is not None and n.weight is None for m in models for n in m.norm.norms):
+            # Per-step statistics over S * H features: each feature's batch statistics are its own member's.
+            # Batch-layer norm = (alpha_L x_L + alpha_B x_B) / sqrt(H) with x_B this batch norm (the same eps)
+            # and x_L the layer norm of each member's H units (bnlib.torch._batch_layer_norm).
+            self.mode = self.kind
+            t0 = m0.norm
+            ref = m0.w_x.weight
+            self.norm = TimeStepNorm(self.S * self.H, t0.max_steps, kind="bn", beyond=t0.beyond,
+                                     min_batch=t0.min_batch).to(device=ref.device, dtype=ref.dtype)
+            self.g = stack(lambda m: m.norm.weight)
+            self.b = stack(lambda m: m.norm.bias)
+            if self.kind == "bln":
+                n0 = t0.norms[0]
+                if len({(n.eps, n.batch_size) for m in models for n in m.norm.norms}) != 1 or n0.batch_size is None:
+                    self.mode = "loop"
+                else:
+                    from .torch._batch_layer_norm import bln_weights
+
+                    self.bln_alpha = bln_weights(n0.batch_size)
+                    self.ln = bt.LayerNorm(self.H, eps=n0.eps, elementwise_affine=False)
+            self.norm.weight.requires_grad_(False)      # the stacked g, b are the affine
+            self.norm.bias.requires_grad_(False)
+            with torch.no_grad():
+                for t, comb in enumerate(self.norm.norms):
+                    src = [m.norm.norms[t] for m in models]
+                    comb.eps, comb.momentum = src[0].eps, src[0].momentum
+                    comb.running_mean.copy_(torch.cat([n.running_mean for n in src]))
+                    comb.running_var.copy_(torch.cat([n.running_var for n in src]))
+                    comb.num_batches_tracked.copy_(src[0].num_batches_tracked)
+        if self.mode == "loop":
+            self.member_norms = nn.ModuleList(m.norm for m in models)   # shared with the members, trained in place
+
+    def _normalize(self, pre: torch.Tensor, t: int) -> torch.Tensor:
+        if self.mode == "bias":
+            return pre + self.b[:, None, :]
+        if self.mode == "ln":
+            return self.ln(pre) * self.g[:, None, :] + self.b[:, None, :]
+        if self.mode in ("bn", "bln"):
+            k = pre.shape[1]
+            out = self.norm._normalize(pre.transpose(0, 1).reshape(k, self.S * self.H), t)
+            out = out.reshape(k, self.S, self.H).transpose(0, 1)
+            if self.mode == "bln":
+                a_l, a_b = self.bln_alpha
+                out = (a_l * self.ln(pre) + a_b * out) / math.sqrt(self.H)
+            return out * self.g[:, None, :] + self.b[:, None, :]
+        return torch.stack([norm(pre[s], t) if isinstance(norm, TimeStepNorm) else norm(pre[s])
+                            for s, norm in enumerate(self.member_norms)])
+
+    def forward(self, x: torch.Tensor, lengths: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Logits ``(S, N, C)`` of the members for the same batch (same conventions as :meth:`NormRNN.forward`)."""
+        n, steps, _ = x.shape
+        if lengths is not None and bool((lengths == steps).all()):
+            lengths = None
+        inputs = torch.einsum("ntf,sfh->snth", x, self.wx) + self.bx[:, None, None, :]
+        h = x.new_zeros(self.S, n, self.H)
+        for t in range(steps):
+            if lengths is None:
+                h = torch.tanh(self._normalize(inputs[:, :, t] + torch.bmm(h, self.wh), t))
+                continue
+            active = torch.nonzero(lengths > t).flatten()
+            if len(active) == 0:
+                break
+            pre = inputs[:, active, t] + torch.bmm(h[:, active], self.wh)
+            h = h.index_copy(1, active, torch.tanh(self._normalize(pre, t)))
+        return torch.baddbmm(self.bo[:, None, :], h, self.wo)
+
+    def member_grads(self, s: int):
+        """The gradient tensors (views) that belong to member ``s``."""
+        stacked = [self.wx, self.bx, self.wh, self.wo, self.bo] + [getattr(self, n) for n in ("b", "g")
+                                                                   if hasattr(self, n)]
+        grads = [p.grad[s] for p in stacked if p.grad is not None]
+        if self.mode == "loop":
+            grads += [p.grad for p in self.member_norms[s].parameters() if p.grad is not None]
+        return grads
+
+    @torch.no_grad()
+    def clip_per_member(self, max_norm: float) -> None:
+        """``torch.nn.utils.clip_grad_norm_`` applied to each member's gradients on its own."""
+        for s in range(self.S):
+            grads = self.member_grads(s)
+            if not grads:
+                continue
+            total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+            for g in grads:
+                g.mul_(coef)
+
+    @torch.no_grad()
+    def write_back(self, models, fallbacks_before: int = 0) -> None:
+        for s, m in enumerate(models):
+            m.w_x.weight.copy_(self.wx[s].t())
+            m.w_x.bias.copy_(self.bx[s])
+            m.w_h.weight.copy_(self.wh[s].t())
+            m.head.weight.copy_(self.wo[s].t())
+            m.head.bias.copy_(self.bo[s])
+            if self.mode == "bias":
+                m.bias.copy_(self.b[s])
+            elif self.mode in ("ln", "bn", "bln"):
+                m.norm.weight.copy_(self.g[s])
+                m.norm.bias.copy_(self.b[s])
+            if self.mode in ("bn", "bln"):
+                sl = slice(s * self.H, (s + 1) * self.H)
+                for comb, own in zip(self.norm.norms, m.norm.norms):
+                    own.running_mean.copy_(comb.running_mean[sl])
+                    own.running_var.copy_(comb.running_var[sl])
+                    own.num_batches_tracked.copy_(comb.num_batches_tracked)
+                m.norm.fallbacks += self.norm.fallbacks - fallbacks_before
+
+
+def _ensemble_signature(m) -> tuple:
+    return (type(m), m.norm_kind, m.input_size, m.hidden_size, m.head.out_features, repr(m.norm),
+            next(m.parameters()).device, next(m.parameters()).dtype)
+
+
+def train_sequence_models(models, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch_size: int,
+                          lengths: Optional[torch.Tensor] = None, lr: float = 1e-2, seed: int = 0, clip: float = 1.0,
+                          progress: bool = False, desc: str = "train"):
+    """Train several :class:`NormRNN` of one configuration (typically different initial seeds) exactly as
+    :func:`train_sequence_model` trains each of them -- same batches (from ``seed``), Adam, gradient-norm
+    clipping per network -- but batched into one model, which is much cheaper than one after the other.
+
+    The networks are trained in place (parameters and running statistics) and left in training mode. Returns
+    one list of training losses per network. Training stops for all of them when one loss is not finite.
+    """
+    models = list(models)
+    if not models or not all(isinstance(m, NormRNN) for m in models):
+        raise TypeError("models: expected a non-empty sequence of NormRNN")
+    if len({_ensemble_signature(m) for m in models}) != 1:
+        raise ValueError("models: expected networks of one configuration (norm, sizes, normalization settings, "
+                         "device and dtype)")
+    if len({id(m) for m in models}) != len(models):
+        raise ValueError("models: the same network appears more than once")
+    _check_pos_int("steps", steps)
+    _check_pos_int("batch_size", batch_size)
+    if batch_size > len(x):
+        raise ValueError(f"batch_size: expected at most the {len(x)} training sequences, got {batch_size}")
+    if len(x) != len(y):
+        raise ValueError(f"y: expected {len(x)} labels to match x, got {len(y)}")
+    if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[2] != models[0].input_size:
+        raise ValueError(f"x: expected (N, T, {models[0].input_size}) sequences, got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
+    if lengths is not None:
+        lengths = torch.as_tensor(lengths, device=x.device)
+        if lengths.dtype.is_floating_point or lengths.shape != (len(x),):
+            raise ValueError(f"lengths: expected {len(x)} integer lengths to match x, got shape {tuple(lengths.shape)}")
+        if int(lengths.min()) < 1 or int(lengths.max()) > x.shape[1]:
+            raise ValueError(f"lengths: expected values in [1, {x.shape[1]}], got min {int(lengths.min())} and "
+                             f"max {int(lengths.max())}")
+    for m in models:
+        m.train()
+    ens = _SeedEnsemble(models)
+    fallbacks_before = ens.norm.fallbacks if ens.mode in ("bn", "bln") else 0
+    opt = torch.optim.Adam([p for p in ens.parameters() if p.requires_grad], lr=lr)
+    gen = generator(seed)
+    order, pos = torch.randperm(len(x), generator=gen), 0
+    losses = [[] for _ in models]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=desc, leave=False, mininterval=1.0)   # redraws are front-end messages
+    try:
+        for _ in range(steps):
+            if pos + batch_size > len(x):
+                order, pos = torch.randperm(len(x), generator=gen), 0
+            idx = order[pos: pos + batch_size].to(x.device)
+            pos += batch_size
+            logits = ens(x[idx], None if lengths is None else lengths[idx])
+            per_model = [F.cross_entropy(out, y[idx]) for out in logits]
+            opt.zero_grad(set_to_none=True)
+            torch.stack(per_model).sum().backward()
+            if clip:
+                ens.clip_per_member(clip)
+            opt.step()
+            for record, loss in zip(losses, per_model):
+                record.append(loss.item())
+            if bar is not None:
+                bar.update(1)
+            if not all(math.isfinite(r[-1]) for r in losses):
+                break
+    finally:
+        if bar is not None:
+            bar.close()
+        ens.write_back(models, fallbacks_before)
     return losses
 
 

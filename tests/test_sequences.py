@@ -141,3 +141,65 @@ def test_train_sequence_model_learns_and_is_seeded():
         S.train_sequence_model(model, x, y, steps=1, batch_size=4, lengths=torch.ones(3, dtype=torch.long))
     with pytest.raises(ValueError, match="batch_size"):
         S.train_sequence_model(model, x, y, steps=1, batch_size=65)
+
+
+@pytest.mark.parametrize("norm,variable", [("none", True), ("ln", True), ("bn", True), ("bn", False), ("bln", True),
+                                           ("bn_shared", False)])
+def test_train_sequence_models_equals_training_each_alone(norm, variable):
+    """The batched trainer is train_sequence_model applied to each network (same batches, clipping per network),
+    up to rounding: in float64 so that the comparison is tight despite batch norm's amplification of rounding
+    at steps with two or one sequences left (the fallback to running statistics is exercised too)."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(40, 7, 3, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (40,), generator=gen)
+    lengths = torch.randint(3, 8, (40,), generator=gen) if variable else None
+
+    def nets():
+        out = []
+        for k in range(3):
+            torch.manual_seed(10 + k)
+            out.append(S.NormRNN(input_size=3, hidden_size=5, num_classes=3, norm=norm, max_steps=7,
+                                 batch_size=8).double())
+        return out
+
+    batched, alone = nets(), nets()
+    expected_mode = {"none": "bias", "bn_shared": "loop"}.get(norm, norm)
+    assert S._SeedEnsemble(nets()).mode == expected_mode              # batched, not one network at a time
+    losses = S.train_sequence_models(batched, x, y, steps=12, batch_size=8, lengths=lengths, lr=0.05, seed=4)
+    expected = [S.train_sequence_model(m, x, y, steps=12, batch_size=8, lengths=lengths, lr=0.05, seed=4)
+                for m in alone]
+    assert len(losses) == 3 and all(len(r) == 12 for r in losses)
+    torch.testing.assert_close(torch.tensor(losses), torch.tensor(expected), rtol=1e-7, atol=1e-7)
+    for a, b in zip(batched, alone):
+        assert a.training
+        sa, sb = a.state_dict(), b.state_dict()
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            torch.testing.assert_close(sa[key], sb[key], rtol=1e-7, atol=1e-7, msg=key)
+        if norm in ("bn", "bln"):
+            assert a.norm.fallbacks == b.norm.fallbacks
+    if variable and norm == "bn":
+        assert batched[0].norm.fallbacks > 0
+
+
+def test_train_sequence_models_float32_and_bad_input():
+    x = torch.randn(32, 5, 3)
+    y = (x[:, :, 0].sum(1) > 0).long()
+    torch.manual_seed(0)
+    models = [S.NormRNN(input_size=3, hidden_size=8, num_classes=2, norm="ln", max_steps=5) for _ in range(2)]
+    losses = S.train_sequence_models(models, x, y, steps=40, batch_size=16, lr=0.02)
+    assert all(sum(r[-5:]) < sum(r[:5]) for r in losses)
+    assert not torch.equal(models[0].w_h.weight, models[1].w_h.weight)       # two networks, not one
+    other = S.NormRNN(input_size=3, hidden_size=8, num_classes=2, norm="bn", max_steps=5)
+    with pytest.raises(ValueError, match="one configuration"):
+        S.train_sequence_models([models[0], other], x, y, steps=1, batch_size=4)
+    with pytest.raises(ValueError, match="more than once"):
+        S.train_sequence_models([models[0], models[0]], x, y, steps=1, batch_size=4)
+    with pytest.raises(TypeError, match="models"):
+        S.train_sequence_models([], x, y, steps=1, batch_size=4)
+    with pytest.raises(ValueError, match="lengths"):
+        S.train_sequence_models(models, x, y, steps=1, batch_size=4, lengths=torch.zeros(32, dtype=torch.long))
+    with pytest.raises(ValueError, match="x:"):
+        S.train_sequence_models(models, x[:, :, :2], y, steps=1, batch_size=4)
+    with pytest.raises(ValueError, match="batch_size"):
+        S.train_sequence_models(models, x, y, steps=1, batch_size=33)
