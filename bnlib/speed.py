@@ -8,10 +8,12 @@ of :mod:`bnlib.models` (so every normalization layer comes from :mod:`bnlib.torc
 function                           what it measures
 =================================  ==========================================================================
 :func:`run_article_experiment`     the article's Keras experiment (Dense(128, ReLU) -> BN -> Dense(10), Adam,
-                                   10 epochs, 20% validation split), per-epoch losses as Keras reports them
+                                   10 epochs, 20% validation split), per-epoch losses as Keras reports them;
+                                   :func:`run_article_experiments` the same for several seeds at once
 :func:`sigmoid_mlp`                Ioffe & Szegedy's Figure 1 network (3 x 100 sigmoid), Gaussian init
 :class:`SigmoidInputProbe`         the 15th/50th/85th percentiles of one sigmoid's input during training
-:func:`steps_to_target`            steps until the test accuracy first reaches a target (stops there)
+:func:`steps_to_target`            steps until the test accuracy first reaches a target (stops there);
+                                   :func:`target_run` the same read off a recorded History
 :func:`lr_sweep`                   :func:`steps_to_target` over learning rates x {no BN, BN} x seeds
 :func:`speedups`                   the speed-ups at each arm's best learning rate and at equal rates
 :func:`init_scale_sweep`           final accuracy vs the standard deviation of the initial weights
@@ -21,7 +23,8 @@ function                           what it measures
 :func:`gradient_norms`             per-layer weight-gradient norms (at initialization: Yang et al. 2019)
 :func:`depth_sweep`                trainability vs depth for several architectures
 :func:`regularization_sweep`       the generalization gap of the article's network with BN / dropout / both
-:func:`explorer_run`               the interactive explorer's experiment; :func:`explorer_widget` its UI
+:func:`explorer_run`               the interactive explorer's experiment; :func:`explorer_widget` its UI;
+                                   :func:`explorer_grid` the pre-computed grid of it (packed)
 :class:`PackedMLP`                 ``k`` copies of one MLP (e.g. ``k`` seeds) trained side by side in one pass;
                                    :func:`train_packed` trains them exactly as ``k`` runs of ``train`` would
 =================================  ==========================================================================
@@ -34,7 +37,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -56,9 +59,11 @@ __all__ = [
     "ArticleResult",
     "validation_split",
     "run_article_experiment",
+    "run_article_experiments",
     "SigmoidInputProbe",
     "TargetRun",
     "steps_to_target",
+    "target_run",
     "lr_sweep",
     "speedups",
     "init_scale_sweep",
@@ -70,6 +75,7 @@ __all__ = [
     "gradient_norms",
     "depth_sweep",
     "explorer_run",
+    "explorer_grid",
     "explorer_widget",
 ]
 
@@ -276,29 +282,58 @@ def evaluate_packed(model: PackedMLP, x: torch.Tensor, y: torch.Tensor, batch_si
     return (loss / len(x)).tolist(), (correct / len(x)).tolist()
 
 
+def _per_network_lrs(lr, k: int, optimizer: str) -> Optional[torch.Tensor]:
+    """``None`` for one learning rate shared by the pack, else the ``k`` rates as a float64 tensor."""
+    if isinstance(lr, (int, float)) and not isinstance(lr, bool):
+        return None
+    try:
+        if isinstance(lr, (str, bytes)):
+            raise TypeError
+        lrs = [float(v) for v in lr]
+    except (TypeError, ValueError):
+        raise ValueError(f"lr: expected a positive number or a sequence of {k}, got {lr!r}") from None
+    if len(lrs) != k or not all(v > 0 and math.isfinite(v) for v in lrs):
+        raise ValueError(f"lr: expected {k} positive finite learning rates (one per network), got {lr!r}")
+    if optimizer != "sgd":
+        raise ValueError(f"lr: one learning rate per network needs optimizer='sgd', got {optimizer!r}")
+    return torch.tensor(lrs, dtype=torch.float64)
+
+
 def train_packed(model: PackedMLP, x_train, y_train, *, seeds: Sequence[int], steps: int, batch_size: int,
-                 lr: float, optimizer: str = "sgd", momentum: float = 0.0, x_eval=None, y_eval=None,
-                 eval_every: int = 100, target: Optional[float] = None) -> List[History]:
+                 lr, optimizer: str = "sgd", momentum: float = 0.0, x_eval=None, y_eval=None,
+                 eval_every: int = 100, target: Optional[float] = None,
+                 callback: Optional[Callable] = None) -> List[History]:
     """Train the ``k`` networks of ``model`` as :func:`bnlib.experiments.train` would train each one with
     ``seed=seeds[j]`` (the same mini-batches, the same optimizer), in one pass per step.
+
+    ``lr``: one learning rate for every network, or (SGD only) a sequence of ``k``, network ``j`` training with
+    ``lr[j]``. SGD's update (with or without momentum) is linear in the gradient, so the pack is trained with
+    rate 1 on the sum of ``lr[j]`` times network ``j``'s mean loss: the same update, up to float rounding.
 
     Returns one :class:`~bnlib.experiments.History` per network. With ``target`` (an accuracy on ``x_eval``),
     training stops at the first evaluation at which every network has reached it (a network's history then
     runs on past its own first hit; use :func:`bnlib.experiments.steps_to_accuracy`). A network whose loss
     becomes non-finite is marked ``diverged`` and its history stops there; the others go on.
+    ``callback(step, model, xb, yb)`` is called after each optimizer step, as in
+    :func:`~bnlib.experiments.train` (here with the pack and its ``(k, B, ...)`` batch).
     """
     from .experiments import make_optimizer
 
     seeds = list(seeds)
     if len(seeds) != model.k:
         raise ValueError(f"seeds: expected {model.k} seeds (one per network), got {len(seeds)}")
+    if callback is not None and not callable(callback):
+        raise TypeError(f"callback: expected a callable, got {type(callback).__name__}")
+    lr_scale = _per_network_lrs(lr, model.k, optimizer)
     n = len(x_train)
     _checks.check_training_run(n, len(y_train), steps, batch_size)
     if (x_eval is None) != (y_eval is None):
         raise ValueError("x_eval, y_eval: give both or neither")
     if target is not None and (x_eval is None or not 0.0 < target <= 1.0):
         raise ValueError(f"target: expected an accuracy in (0, 1] and evaluation data, got {target!r}")
-    opt = make_optimizer(model, optimizer, lr, momentum)
+    opt = make_optimizer(model, optimizer, 1.0 if lr_scale is not None else lr, momentum)
+    if lr_scale is not None:
+        lr_scale = lr_scale.to(device=x_train.device, dtype=next(model.parameters()).dtype)
     gens = [generator(s) for s in seeds]
     hists = [History() for _ in seeds]
     k, device = model.k, x_train.device
@@ -327,12 +362,15 @@ def train_packed(model: PackedMLP, x_train, y_train, *, seeds: Sequence[int], st
             orders, pos = [torch.randperm(n, generator=g) for g in gens], 0
         idx = torch.stack([o[pos: pos + batch_size] for o in orders]).to(device)  # (k, B)
         pos += batch_size
-        logits = model(x_train[idx])  # (k, B, classes)
-        per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y_train[idx].reshape(-1), reduction="none")
+        xb, yb = x_train[idx], y_train[idx]
+        logits = model(xb)  # (k, B, classes)
+        per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1), reduction="none")
         per = per.view(k, batch_size).mean(1)
         opt.zero_grad(set_to_none=True)
-        per.sum().backward()
+        (per.sum() if lr_scale is None else (per * lr_scale).sum()).backward()
         opt.step()
+        if callback is not None:
+            callback(step, model, xb, yb)
         values = per.detach().cpu()
         step_losses.append(values)
         bad = ~torch.isfinite(values) & alive
@@ -402,9 +440,36 @@ def run_article_experiment(x_train: torch.Tensor, y_train: torch.Tensor, *, use_
     hist = train(model, x_fit, y_fit, steps=epochs * steps_per_epoch, batch_size=batch_size, lr=lr,
                  optimizer="adam", x_eval=x_val, y_eval=y_val, eval_every=steps_per_epoch, seed=seed,
                  progress=progress, desc="with BN" if use_bn else "without BN")
+    return _article_result(hist, epochs, steps_per_epoch)
+
+
+def _article_result(hist: History, epochs: int, steps_per_epoch: int) -> ArticleResult:
     loss = np.asarray(hist.train_loss, dtype=np.float64)
     per_epoch = [float(loss[e * steps_per_epoch:(e + 1) * steps_per_epoch].mean()) for e in range(epochs)]
     return ArticleResult(per_epoch, list(hist.eval_loss[1:]), list(hist.eval_acc[1:]), hist)
+
+
+def run_article_experiments(x_train: torch.Tensor, y_train: torch.Tensor, *, use_bn: bool,
+                            seeds: Sequence[int] = (0, 1, 2), epochs: int = 10, batch_size: int = 32,
+                            lr: float = 1e-3, validation: float = 0.2, momentum: float = 0.01,
+                            eps: float = 1e-3) -> List[ArticleResult]:
+    """:func:`run_article_experiment` for each of ``seeds`` (initial weights and batch order), the seeds
+    trained side by side as one :class:`PackedMLP`: one :class:`ArticleResult` per seed, the same runs (up to
+    float rounding) as separate calls, at a fraction of their cost."""
+    if not isinstance(epochs, int) or epochs < 1:
+        raise ValueError(f"epochs: expected a positive int, got {epochs!r}")
+    seeds = list(seeds)
+    if not seeds:
+        raise ValueError("seeds: expected at least one seed")
+    x_fit, y_fit, x_val, y_val = validation_split(x_train, y_train, validation)
+    steps_per_epoch = len(x_fit) // batch_size
+    if steps_per_epoch < 1:
+        raise ValueError(f"batch_size: {batch_size} is larger than the {len(x_fit)} training samples")
+    models = [article_model(use_bn, momentum=momentum, eps=eps, seed=s, device=x_train.device) for s in seeds]
+    hists = train_packed(PackedMLP(models), x_fit, y_fit, seeds=seeds, steps=epochs * steps_per_epoch,
+                         batch_size=batch_size, lr=lr, optimizer="adam", x_eval=x_val, y_eval=y_val,
+                         eval_every=steps_per_epoch)
+    return [_article_result(h, epochs, steps_per_epoch) for h in hists]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -418,23 +483,29 @@ class SigmoidInputProbe:
     on the fixed images ``x_probe`` in training mode (so a BN layer normalizes with the statistics of that
     probe batch, as it does during training, and the model's running statistics are left alone) and records
     the ``q`` percentiles of the input to unit ``unit`` of the ``layer``-th ``nn.Sigmoid`` (-1: the last
-    hidden layer).
+    hidden layer). Given a :class:`PackedMLP` (as the ``callback`` of :func:`train_packed`), it probes the pack's
+    network ``network``.
     """
 
     def __init__(self, x_probe: torch.Tensor, *, unit: int = 0, layer: int = -1, every: int = 50,
-                 q: Sequence[float] = (15, 50, 85)):
+                 q: Sequence[float] = (15, 50, 85), network: int = 0):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every: expected a positive int, got {every!r}")
         if len(x_probe) < 2:
             raise ValueError("x_probe: expected at least 2 images (BN needs a batch)")
-        self.x_probe, self.unit, self.layer, self.every = x_probe, unit, layer, every
+        if isinstance(network, bool) or not isinstance(network, int) or network < 0:
+            raise ValueError(f"network: expected a non-negative int, got {network!r}")
+        self.x_probe, self.unit, self.layer, self.every, self.network = x_probe, unit, layer, every, network
         self.q = torch.tensor([float(v) / 100.0 for v in q])
         self.steps: List[int] = []
         self.percentiles: List[np.ndarray] = []
 
     @torch.no_grad()
     def record(self, step: int, model: nn.Module) -> None:
-        probe = copy.deepcopy(model).train()
+        if isinstance(model, PackedMLP):
+            probe = model.unpack(self.network).train()  # unpack returns a copy
+        else:
+            probe = copy.deepcopy(model).train()
         for m in probe.modules():
             if isinstance(m, nn.Dropout):
                 m.eval()
@@ -523,36 +594,68 @@ def steps_to_target(model: nn.Module, x_train, y_train, x_eval, y_eval, *, targe
     return run
 
 
+def target_run(history: History, target: float, *, eval_every: Optional[int] = None,
+               max_steps: Optional[int] = None) -> TargetRun:
+    """The :class:`TargetRun` of a run recorded in ``history`` (e.g. by :func:`train_packed`): its first
+    evaluation step at which the accuracy reached ``target``, counting only evaluations at multiples of
+    ``eval_every`` (if given) and at most ``max_steps`` (if given), i.e. what :func:`steps_to_target` with
+    that ``max_steps`` would have reported for the same run."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target: expected an accuracy in (0, 1], got {target!r}")
+    steps, accs = list(history.eval_steps), list(history.eval_acc)
+    if max_steps is not None:
+        keep = sum(t <= max_steps for t in steps)
+        steps, accs = steps[:keep], accs[:keep]
+    hit = next((t for t, a in zip(steps, accs) if a >= target and (eval_every is None or t % eval_every == 0)), None)
+    n = len(steps) if hit is None else steps.index(hit) + 1
+    diverged = history.diverged and hit is None and (max_steps is None or len(history.train_loss) <= max_steps)
+    return TargetRun(hit, steps[:n], accs[:n], diverged)
+
+
 def lr_sweep(x_train, y_train, x_eval, y_eval, *, lrs: Sequence[float], norms: Sequence[str] = ("none", "bn"),
              seeds: Sequence[int] = (0, 1, 2), target: float = 0.9, max_steps: int = 2000, batch_size: int = 60,
              eval_every: int = 50, init=0.05, hidden=(100, 100, 100), pack: bool = True,
-             progress: bool = True) -> List[dict]:
+             pack_lrs: Sequence[str] = (), progress: bool = True) -> List[dict]:
     """Steps to ``target`` test accuracy for the Figure 1 network (:func:`sigmoid_mlp`) with plain SGD, at
     every (norm, lr, seed). Each record is ``{'norm', 'lr', 'seed', 'result': TargetRun}``; the model's
     initial weights and its mini-batch order both come from ``seed``.
 
     ``pack=True`` trains the seeds of one (norm, lr) together as a :class:`PackedMLP` (the same runs, about
     ``len(seeds)`` times cheaper on a CPU), until every seed has reached the target or ``max_steps``;
-    ``pack=False`` runs :func:`steps_to_target` once per seed."""
-    seeds = list(seeds)
+    ``pack=False`` runs :func:`steps_to_target` once per seed. The norms in ``pack_lrs`` train all their
+    learning rates and seeds as one pack (one learning rate per network), until every network has reached the
+    target or ``max_steps``: cheaper where most runs go to ``max_steps`` anyway, dearer where they stop early."""
+    seeds, lrs = list(seeds), list(lrs)
+    pack_lrs = list(pack_lrs)
+    if any(norm not in norms for norm in pack_lrs):
+        raise ValueError(f"pack_lrs: expected names from norms={tuple(norms)}, got {tuple(pack_lrs)}")
+    if pack_lrs and not pack:
+        raise ValueError("pack_lrs: needs pack=True")
+
+    def packed(norm, rates):
+        points = [(lr, s) for lr in rates for s in seeds]
+        models = [sigmoid_mlp(norm, hidden=hidden, init=init, seed=s, device=x_train.device) for _, s in points]
+        hists = train_packed(PackedMLP(models), x_train, y_train, seeds=[s for _, s in points], steps=max_steps,
+                             batch_size=batch_size, lr=rates[0] if len(rates) == 1 else [lr for lr, _ in points],
+                             x_eval=x_eval, y_eval=y_eval, eval_every=eval_every, target=target)
+        return {point: target_run(h, target, eval_every=eval_every) for point, h in zip(points, hists)}
+
+    cache: Dict[str, dict] = {}
 
     def one(norm, lr):
-        models = [sigmoid_mlp(norm, hidden=hidden, init=init, seed=s, device=x_train.device) for s in seeds]
+        if norm in pack_lrs:
+            if norm not in cache:
+                cache[norm] = packed(norm, lrs)
+            return [cache[norm][(lr, s)] for s in seeds]
         if not pack:
+            models = [sigmoid_mlp(norm, hidden=hidden, init=init, seed=s, device=x_train.device) for s in seeds]
             return [steps_to_target(m, x_train, y_train, x_eval, y_eval, target=target, max_steps=max_steps,
                                     lr=lr, batch_size=batch_size, eval_every=eval_every, seed=s)
                     for m, s in zip(models, seeds)]
-        hists = train_packed(PackedMLP(models), x_train, y_train, seeds=seeds, steps=max_steps,
-                             batch_size=batch_size, lr=lr, x_eval=x_eval, y_eval=y_eval, eval_every=eval_every,
-                             target=target)
-        runs = []
-        for h in hists:
-            hit = next((t for t, a in zip(h.eval_steps, h.eval_acc) if a >= target and t % eval_every == 0), None)
-            n = len(h.eval_steps) if hit is None else h.eval_steps.index(hit) + 1
-            runs.append(TargetRun(hit, h.eval_steps[:n], h.eval_acc[:n], h.diverged and hit is None))
-        return runs
+        runs = packed(norm, [lr])
+        return [runs[(lr, s)] for s in seeds]
 
-    groups = sweep(one, {"norm": list(norms), "lr": list(lrs)}, progress=progress, desc="learning-rate sweep")
+    groups = sweep(one, {"norm": list(norms), "lr": lrs}, progress=progress, desc="learning-rate sweep")
     return [{"norm": g["norm"], "lr": g["lr"], "seed": s, "result": run}
             for g in groups for s, run in zip(seeds, g["result"])]
 
@@ -765,6 +868,34 @@ def explorer_run(x_train, y_train, x_eval, y_eval, *, bn: bool, lr: float, batch
     return train(model, x_train, y_train, steps=steps, batch_size=batch_size, lr=lr, x_eval=x_eval,
                  y_eval=y_eval, eval_every=eval_every, seed=seed, progress=progress,
                  desc=f"{'BN' if bn else 'no BN'}, lr {lr:g}")
+
+
+def explorer_grid(x_train, y_train, x_eval, y_eval, *, depths: Sequence[int], lrs: Sequence[float],
+                  seeds: Sequence[int] = (0, 1, 2), bns: Sequence[bool] = (False, True), batch_size: int = 60,
+                  init_scale: float = 0.05, steps: int = 300, eval_every: int = 25,
+                  progress: bool = True) -> List[dict]:
+    """:func:`explorer_run` at every (depth, lr, bn, seed): records ``{'depth', 'lr', 'bn', 'seed', 'result'}``
+    (``result`` the :class:`~bnlib.experiments.History`), in that order. The networks of one (depth, bn) share
+    their architecture, so all their learning rates and seeds train side by side as one :class:`PackedMLP`
+    (one learning rate per network, :func:`train_packed`): the same runs as separate calls, up to float
+    rounding."""
+    lrs, seeds = [float(lr) for lr in lrs], list(seeds)
+    for depth in depths:
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"depths: expected positive ints, got {depth!r}")
+    points = [(lr, s) for lr in lrs for s in seeds]
+
+    def one(depth, bn):
+        models = [sigmoid_mlp("bn" if bn else "none", hidden=(100,) * depth, init=init_scale, seed=s,
+                              device=x_train.device) for _, s in points]
+        return train_packed(PackedMLP(models), x_train, y_train, seeds=[s for _, s in points], steps=steps,
+                            batch_size=batch_size, lr=[lr for lr, _ in points], x_eval=x_eval, y_eval=y_eval,
+                            eval_every=eval_every)
+
+    groups = sweep(one, {"depth": list(depths), "bn": list(bns)}, progress=progress, desc="explorer grid")
+    by_key = {(g["depth"], g["bn"]): g["result"] for g in groups}
+    return [{"depth": depth, "lr": lr, "bn": bn, "seed": s, "result": by_key[(depth, bn)][points.index((lr, s))]}
+            for depth in depths for lr in lrs for bn in bns for s in seeds]
 
 
 def _explorer_label(bn, lr, batch_size, depth, init_scale) -> str:

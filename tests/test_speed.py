@@ -342,3 +342,114 @@ def test_regularization_sweep_records(data):
     assert all(set(r["result"]) >= {"acc_gap", "loss_gap"} for r in recs)
     with pytest.raises(ValueError, match="configs"):
         S.regularization_sweep(xtr, ytr, xte, yte, configs={"x": True})
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_packed_training_one_learning_rate_per_network(data, momentum):
+    xtr, ytr, xte, yte = data
+    scale = 1.0 if momentum == 0 else 0.1  # momentum 0.9 multiplies the step by up to 10
+    points = [(0.05 * scale, 0), (0.2 * scale, 0), (0.5 * scale, 3)]  # (lr, seed): two rates for one seed, a third
+    packed = S.PackedMLP([S.sigmoid_mlp("bn", seed=s) for _, s in points])
+    hists = S.train_packed(packed, xtr, ytr, seeds=[s for _, s in points], steps=25, batch_size=30,
+                           lr=[lr for lr, _ in points], momentum=momentum, x_eval=xte, y_eval=yte, eval_every=10)
+    for j, (lr, s) in enumerate(points):
+        model = S.sigmoid_mlp("bn", seed=s)
+        ref = train(model, xtr, ytr, steps=25, batch_size=30, lr=lr, momentum=momentum, x_eval=xte, y_eval=yte,
+                    eval_every=10, seed=s)
+        assert np.allclose(hists[j].train_loss, ref.train_loss, atol=1e-4)
+        assert np.allclose(hists[j].eval_acc, ref.eval_acc, atol=0.011)
+        got = packed.unpack(j).state_dict()
+        for name, value in model.state_dict().items():
+            assert torch.allclose(got[name].float(), value.float(), atol=1e-4), (lr, name)
+    make = lambda: S.PackedMLP([S.sigmoid_mlp(seed=0), S.sigmoid_mlp(seed=1)])  # noqa: E731
+    for bad in ([0.1], [0.1, 0.0], [0.1, float("nan")], "fast"):
+        with pytest.raises(ValueError, match="lr"):
+            S.train_packed(make(), xtr, ytr, seeds=[0, 1], steps=2, batch_size=30, lr=bad)
+    with pytest.raises(ValueError, match="sgd"):
+        S.train_packed(make(), xtr, ytr, seeds=[0, 1], steps=2, batch_size=30, lr=[1e-3, 1e-2], optimizer="adam")
+
+
+def test_packed_callback_and_probe_of_one_network(data):
+    xtr, ytr, xte, _ = data
+    seeds = [2, 5]
+    packed = S.PackedMLP([S.sigmoid_mlp("bn", seed=s) for s in seeds])
+    probe = S.SigmoidInputProbe(xte, unit=1, every=10, network=1)
+    probe.record(0, packed)
+    calls = []
+
+    def callback(step, model, xb, yb):
+        calls.append((step, tuple(xb.shape), tuple(yb.shape)))
+        probe(step, model, xb, yb)
+
+    S.train_packed(packed, xtr, ytr, seeds=seeds, steps=20, batch_size=30, lr=0.5, callback=callback)
+    assert calls[0] == (1, (2, 30, 784), (2, 30)) and [c[0] for c in calls] == list(range(1, 21))
+    # the same network trained alone, probed at the same steps
+    alone = S.SigmoidInputProbe(xte, unit=1, every=10)
+    model = S.sigmoid_mlp("bn", seed=5)
+    alone.record(0, model)
+    train(model, xtr, ytr, steps=20, batch_size=30, lr=0.5, seed=5, callback=alone)
+    assert probe.steps == alone.steps == [0, 10, 20]
+    assert np.allclose(probe.as_array(), alone.as_array(), atol=1e-4)
+    with pytest.raises(ValueError, match="network"):
+        S.SigmoidInputProbe(xte, network=-1)
+    with pytest.raises(TypeError, match="callback"):
+        S.train_packed(packed, xtr, ytr, seeds=seeds, steps=2, batch_size=30, lr=0.5, callback="probe")
+
+
+def test_run_article_experiments_equal_single_runs(data):
+    xtr, ytr, _, _ = data
+    runs = S.run_article_experiments(xtr, ytr, use_bn=True, seeds=[0, 4], epochs=2, batch_size=30)
+    assert len(runs) == 2
+    for s, r in zip([0, 4], runs):
+        ref = S.run_article_experiment(xtr, ytr, use_bn=True, epochs=2, batch_size=30, seed=s)
+        assert len(r.loss) == len(r.val_loss) == len(r.val_accuracy) == 2
+        assert np.allclose(r.loss, ref.loss, atol=1e-4) and np.allclose(r.val_loss, ref.val_loss, atol=1e-3)
+    with pytest.raises(ValueError, match="seeds"):
+        S.run_article_experiments(xtr, ytr, use_bn=False, seeds=[])
+    with pytest.raises(ValueError, match="epochs"):
+        S.run_article_experiments(xtr, ytr, use_bn=False, epochs=0)
+
+
+def test_explorer_grid_equals_explorer_runs(data):
+    xtr, ytr, xte, yte = data
+    kw = dict(batch_size=30, steps=20, eval_every=10)
+    recs = S.explorer_grid(xtr, ytr, xte, yte, depths=[1, 2], lrs=[0.1, 1.0], seeds=[0, 1], progress=False, **kw)
+    assert [(r["depth"], r["lr"], r["bn"], r["seed"]) for r in recs][:4] == [
+        (1, 0.1, False, 0), (1, 0.1, False, 1), (1, 0.1, True, 0), (1, 0.1, True, 1)]
+    assert len(recs) == 2 * 2 * 2 * 2
+    for r in recs[::5]:
+        ref = S.explorer_run(xtr, ytr, xte, yte, bn=r["bn"], lr=r["lr"], depth=r["depth"], seed=r["seed"], **kw)
+        assert r["result"].eval_steps == ref.eval_steps == [0, 10, 20]
+        assert np.allclose(r["result"].train_loss, ref.train_loss, atol=1e-4)
+    with pytest.raises(ValueError, match="depths"):
+        S.explorer_grid(xtr, ytr, xte, yte, depths=[0], lrs=[0.1], progress=False)
+
+
+def test_lr_sweep_pack_lrs_equals_packing_per_rate(data):
+    xtr, ytr, xte, yte = data
+    kw = dict(lrs=[0.2, 0.5], seeds=[0, 1], target=0.6, max_steps=60, batch_size=30, eval_every=10,
+              progress=False)
+    per_rate = S.lr_sweep(xtr, ytr, xte, yte, **kw)
+    one_pack = S.lr_sweep(xtr, ytr, xte, yte, pack_lrs=["none", "bn"], **kw)
+    assert [(r["norm"], r["lr"], r["seed"]) for r in one_pack] == [(r["norm"], r["lr"], r["seed"]) for r in per_rate]
+    assert [r["result"].steps for r in one_pack] == [r["result"].steps for r in per_rate]
+    with pytest.raises(ValueError, match="pack_lrs"):
+        S.lr_sweep(xtr, ytr, xte, yte, pack_lrs=["ln"], **kw)
+    with pytest.raises(ValueError, match="pack_lrs"):
+        S.lr_sweep(xtr, ytr, xte, yte, pack=False, pack_lrs=["none"], **kw)
+
+
+def test_target_run_reads_a_history():
+    h = History(train_loss=[1.0] * 250, eval_steps=[0, 50, 100, 150, 200, 250],
+                eval_acc=[0.1, 0.5, 0.95, 0.8, 0.99, 0.99])
+    run = S.target_run(h, 0.9)
+    assert run.steps == 100 and run.eval_steps == [0, 50, 100] and run.eval_acc == [0.1, 0.5, 0.95]
+    assert S.target_run(h, 0.97).steps == 200
+    assert S.target_run(h, 0.97, max_steps=150).steps is None
+    assert S.target_run(h, 0.97, max_steps=150).eval_steps == [0, 50, 100, 150]
+    assert S.target_run(h, 0.9, eval_every=100).steps == 100
+    assert S.target_run(h, 0.97, eval_every=100).steps == 200
+    bad = History(train_loss=[1.0, float("nan")], eval_steps=[0], eval_acc=[0.1], diverged=True)
+    assert S.target_run(bad, 0.9).diverged and not S.target_run(h, 0.999).diverged
+    with pytest.raises(ValueError, match="target"):
+        S.target_run(h, 0.0)
