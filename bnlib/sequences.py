@@ -235,18 +235,23 @@ def pad_rows(images: torch.Tensor, blank_before: torch.Tensor):
     return out, lengths.to(images.device)
 
 
-def train_sequence_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch_size: int,
-                         lengths: Optional[torch.Tensor] = None, lr: float = 1e-2, seed: int = 0, clip: float = 1.0, progress: bool = False,
-                         desc: str = "train", callback: Optional[Callable] = None):
-    """Adam on cross-entropy for ``steps`` mini-batches of ``(N, T, F)`` sequences (of ``lengths``, when
-    given: a variable-length data set, padded), with gradient-norm clipping at ``clip``; batches from a seeded
-    permutation, reshuffled each epoch. Returns the list of training losses."""
+def _check_run(x, y, steps, batch_size) -> None:
+    """The arguments every sequence-model training run shares: step and batch counts, one label per sequence."""
     _check_pos_int("steps", steps)
     _check_pos_int("batch_size", batch_size)
     if batch_size > len(x):
         raise ValueError(f"batch_size: expected at most the {len(x)} training sequences, got {batch_size}")
     if len(x) != len(y):
         raise ValueError(f"y: expected {len(x)} labels to match x, got {len(y)}")
+
+
+def train_sequence_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch_size: int,
+                         lengths: Optional[torch.Tensor] = None, lr: float = 1e-2, seed: int = 0, clip: float = 1.0, progress: bool = False,
+                         desc: str = "train", callback: Optional[Callable] = None):
+    """Adam on cross-entropy for ``steps`` mini-batches of ``(N, T, F)`` sequences (of ``lengths``, when
+    given: a variable-length data set, padded), with gradient-norm clipping at ``clip``; batches from a seeded
+    permutation, reshuffled each epoch. Returns the list of training losses."""
+    _check_run(x, y, steps, batch_size)
     if lengths is not None and len(lengths) != len(x):
         raise ValueError(f"lengths: expected {len(x)} lengths to match x, got {len(lengths)}")
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -449,12 +454,7 @@ def train_sequence_models(models, x: torch.Tensor, y: torch.Tensor, *, steps: in
                          "device and dtype)")
     if len({id(m) for m in models}) != len(models):
         raise ValueError("models: the same network appears more than once")
-    _check_pos_int("steps", steps)
-    _check_pos_int("batch_size", batch_size)
-    if batch_size > len(x):
-        raise ValueError(f"batch_size: expected at most the {len(x)} training sequences, got {batch_size}")
-    if len(x) != len(y):
-        raise ValueError(f"y: expected {len(x)} labels to match x, got {len(y)}")
+    _check_run(x, y, steps, batch_size)
     if not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[2] != models[0].input_size:
         raise ValueError(f"x: expected (N, T, {models[0].input_size}) sequences, got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")

@@ -75,3 +75,15 @@ def assert_error_within(ours, ref, truth, *, factor: float = FACTOR, ulps: float
         f"{what}: error {err:.3g} against the float64 truth exceeds {factor:g} x the reference's error "
         f"{err_ref:.3g} + {ulps:g} ulps of {scale:.3g} (= {bound:.3g})")
     return err, err_ref
+
+
+def assert_states_within(ours, ref, truth, **kwargs) -> None:
+    """:func:`assert_error_within` for every floating entry of three modules' state dicts (bnlib, torch's
+    float32, float64 truth); the other entries (``num_batches_tracked``) must be equal."""
+    states = [m.state_dict() for m in (ours, ref, truth)]
+    assert list(states[0]) == list(states[1]) == list(states[2])
+    for k in states[0]:
+        if states[1][k].is_floating_point():
+            assert_error_within(states[0][k], states[1][k], states[2][k], what=k, **kwargs)
+        else:
+            assert (states[0][k] == states[1][k]).all(), k

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import bnlib.torch as bt
-from _numerics import assert_error_within
+from _numerics import assert_error_within, assert_states_within
 from bnlib.torch.fold import Folded
 
 
@@ -60,13 +60,7 @@ def test_convert_small_resnet_trains_identically():
             opt.step()
             losses.append(loss.detach())
         assert_error_within(*losses, what=f"step {step} loss")
-    states = [m.state_dict() for m in models]
-    assert list(states[0]) == list(states[1]) == list(states[2])
-    for k in states[0]:
-        if states[1][k].is_floating_point():
-            assert_error_within(states[0][k], states[1][k], states[2][k], what=k)
-        else:
-            assert torch.equal(states[0][k], states[1][k]), k
+    assert_states_within(*models)
     for m in models:
         m.eval()
     x = torch.randn(4, 3, 8, 8, generator=gen)

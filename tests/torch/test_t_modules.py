@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import bnlib.torch as bt
-from _numerics import assert_error_within
+from _numerics import assert_error_within, assert_states_within
 
 # (bnlib class, torch class, constructor args, kwargs, input shape)
 TWINS = [
@@ -65,13 +65,7 @@ def test_training_sequence_then_eval_matches_torch(ours_cls, torch_cls, args, kw
                 opt.step()
         assert_error_within(*(o[0] for o in outs), what=f"step {step} output")
         assert_error_within(*(o[1] for o in outs), what=f"step {step} input gradient")
-    states = [m.state_dict() for m in models]
-    assert list(states[0]) == list(states[1]) == list(states[2])
-    for k in states[0]:
-        if states[1][k].is_floating_point():
-            assert_error_within(states[0][k], states[1][k], states[2][k], what=k)
-        else:
-            assert torch.equal(states[0][k], states[1][k]), k
+    assert_states_within(*models)
     for m in models:
         m.eval()
     x = torch.randn(shape, generator=gen) + 3
