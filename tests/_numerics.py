@@ -21,8 +21,7 @@ with inputs a few standard deviations from 0 that makes bnlib's float32 error up
 rounding errors are two random draws, so the bound needs that much room. An algorithmic fault (a one-pass
 variance, a biased/unbiased mix-up, a wrong formula) makes errors orders of magnitude larger, and still fails.
 
-(Collected without packages: ``tests/`` is on ``sys.path`` through ``tests/conftest.py``, so this module is
-imported as ``from _numerics import ...`` from every test directory.)
+(``tests/`` is a package mirroring ``bnlib``'s layout; import this module as ``from tests._numerics import ...``.)
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import bnlib.numpy as bnp
-from _np_testutils import close, rand, t
+from tests.numpy._testutils import close, rand, t
 
 
 @pytest.mark.parametrize("name,args", [("BatchNorm1d", (3,)), ("BatchNorm2d", (3,)), ("BatchNorm3d", (3,)),

@@ -7,8 +7,8 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import bnlib.numpy as bnp
-from _numerics import assert_error_within
-from _np_testutils import FAST, bn_axes, channel_view, close, nc_shapes, numeric_grad, rand, t
+from tests._numerics import assert_error_within
+from tests.numpy._testutils import FAST, bn_axes, channel_view, close, nc_shapes, numeric_grad, rand, t
 
 
 @FAST

@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck
 
-from _numerics import assert_error_within
+from tests._numerics import assert_error_within
 from bnlib.torch import functional as BF
 
 D64 = torch.float64

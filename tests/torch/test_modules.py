@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import bnlib.torch as bt
-from _numerics import assert_error_within, assert_states_within
+from tests._numerics import assert_error_within, assert_states_within
 
 # (bnlib class, torch class, constructor args, kwargs, input shape)
 TWINS = [

@@ -10,7 +10,7 @@ from hypothesis import given, strategies as st
 from torch import nn
 
 import bnlib.torch as bt
-from _numerics import assert_error_within
+from tests._numerics import assert_error_within
 from bnlib import ics, models
 
 

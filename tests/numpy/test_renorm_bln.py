@@ -6,7 +6,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import bnlib.numpy as bnp
-from _np_testutils import FAST, bn_axes, close, nc_shapes, numeric_grad, rand, t
+from tests.numpy._testutils import FAST, bn_axes, close, nc_shapes, numeric_grad, rand, t
 
 
 def torch_renorm(x, rm, rv, w, b, eps, r_max, d_max):

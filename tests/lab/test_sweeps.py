@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from _numerics import assert_error_within
+from tests._numerics import assert_error_within
 from bnlib import sweeps
 from bnlib.experiments import evaluate, train
 from bnlib.models import NORMS, make_norm, mlp, small_cnn

@@ -7,7 +7,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 import bnlib.numpy as bnp
-from _np_testutils import FAST, close, nc_shapes, numeric_grad, rand, t
+from tests.numpy._testutils import FAST, close, nc_shapes, numeric_grad, rand, t
 
 
 @FAST
