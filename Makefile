@@ -1,6 +1,6 @@
 # The Batch Normalization Book: the two commands (see README.md).
 #   make book   set up .venv, fetch the site's JavaScript, build the website, print the path of index.html
-#   make test   the same set-up, then unit tests and every notebook under nbval, each in both numeric
+#   make test   the same set-up, then ruff (make lint), unit tests and every notebook under nbval, each in both numeric
 #               configurations side by side (scripts/numeric_env.py), the -W site build, browser check
 #   make seeds  every notebook's asserts with the book's base seed 1 and 2 (BNLIB_SEED), outputs not compared
 #   make serve  serve the built site on http://127.0.0.1:8000
@@ -24,12 +24,12 @@ JB_FLAGS := -W -n --keep-going
 BOTH := PYTHON_FOR_ENV=$(BIN)/python scripts/both_configs.sh
 NBVAL := $(BIN)/python -m pytest --nbval-current-env --nbval-cell-timeout=600 -q
 
-.PHONY: book test seeds serve setup assets chromium unit notebooks site browser check-python clean
+.PHONY: book test seeds serve setup assets chromium lint unit notebooks site browser check-python clean
 
 book: setup assets site
 	@echo "Book built: $(CURDIR)/_build/html/index.html"
 
-test: setup assets chromium unit notebooks site browser
+test: setup assets chromium lint unit notebooks site browser
 	@echo "make test: all checks passed"
 
 setup: $(STAMP)
@@ -56,6 +56,10 @@ chromium:
 	  echo "chromium: installing Debian's chromium package"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
 	else echo "make: chromium not found and apt-get is unavailable: install Chromium (Debian: apt-get install chromium)"; exit 1; fi
+
+# ruff over the package, tests, scripts, benchmarks and the notebooks (configuration in pyproject.toml)
+lint: setup
+	$(BIN)/ruff check .
 
 # Unit tests and notebooks run twice, side by side, one thread each: under this processor's own kernels and
 # under a configuration that sums in another order (emulating the other kind of x86 processor). nbval

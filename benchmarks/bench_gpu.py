@@ -138,7 +138,7 @@ def gpu_mode(args) -> int:
     src = torch.ones(n, device=dev)
     dst = torch.empty_like(src)
     copy_bw = 2 * n * 4 / bench(lambda: dst.copy_(src))
-    del src, dst
+    src = dst = None  # free the 2 GiB (rebinding, not del: the lambda above refers to the names)
     torch.cuda.empty_cache()
     print(f"device: {name} | torch {torch.__version__} | triton {triton.__version__} | "
           f"cuDNN {torch.backends.cudnn.version()}")
@@ -171,7 +171,7 @@ def gpu_mode(args) -> int:
                         y = F.batch_norm(xg, rm, rv, wg, bg, True, 0.1, 1e-5)
                         times[("backward", impl)] = bench(
                             lambda: torch.autograd.grad(y, (xg, wg, bg), dy, retain_graph=True))
-                        del y
+                        y = None  # free the graph (rebinding, not del: the lambdas refer to y)
                 times[("forward", "triton")] = bench(lambda: tb.batch_norm_forward(x, w, b, rm, rv, True, 0.1, 1e-5))
                 times[("backward", "triton")] = bench(lambda: tb.batch_norm_backward(dy, x, w, mean, invstd))
                 for pas, k in (("forward", 3), ("backward", 5)):
@@ -187,7 +187,7 @@ def gpu_mode(args) -> int:
                         tm = f"{planned / 1e6:>10.1f}" if impl == "triton" else f"{'':>10}"
                         print(f"{str(shape):<19}{layout:<7}{dtype_name:<9}{pas:<9}{impl:<8}{t * 1e3:>9.3f}"
                               f"{nbytes / 1e6:>8.1f}{row['gbps']:>8.0f}{row['pct_copy']:>7.0f}%{tm}")
-                del x, dy, xg
+                x = dy = xg = None  # free the tensors (rebinding, not del: the lambdas refer to them)
                 torch.cuda.empty_cache()
     print("torch = F.batch_norm (cuDNN); native = cuDNN disabled; triton = bnlib.torch.triton_bn.")
     print("MB, GB/s and % copy use the streaming minimum (forward 3E*b, backward 5E*b bytes) for every impl.")

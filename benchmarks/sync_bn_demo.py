@@ -17,7 +17,8 @@ from them. It then
 
 Rank 0 prints a table of the largest absolute differences; the script exits with status 1 when one exceeds
 the tolerance (1e-5, float32; differences are divided by max(1, largest reference value) because
-parameter gradients are sums over the batch). Started without torchrun (no RANK in the environment) it says so and exits 0.
+parameter gradients are sums over the batch). Started without torchrun (no RANK in the environment) it says
+so and exits 0.
 """
 from __future__ import annotations
 
@@ -46,7 +47,7 @@ def model_step_differences(sizes, seed: int = 0, device="cpu") -> dict:
     """One SGD-free training step of :func:`small_cnn`: the converted model on this rank's rows vs the plain
     model on all rows. Returns the largest differences (loss and parameter gradients divided by
     max(1, largest reference value); running statistics absolute)."""
-    rank, world = dist.get_rank(), dist.get_world_size()
+    rank = dist.get_rank()
     total, start = sum(sizes), sum(sizes[:rank])
     gen = torch.Generator().manual_seed(seed + 1)
     X = torch.randn(total, 3, 8, 8, generator=gen).to(device)
@@ -67,7 +68,7 @@ def model_step_differences(sizes, seed: int = 0, device="cpu") -> dict:
         dist.all_reduce(g)  # what DistributedDataParallel does (with a sum loss)
         scale = max(1.0, p_ref.grad.abs().max().item())
         out["grad"] = max(out["grad"], (g - p_ref.grad).abs().max().item() / scale)
-    for (name, b_sync), (_, b_ref) in zip(sync.named_buffers(), ref.named_buffers()):
+    for (_name, b_sync), (_, b_ref) in zip(sync.named_buffers(), ref.named_buffers()):
         if b_sync.is_floating_point():
             out["running"] = max(out["running"], (b_sync - b_ref).abs().max().item())
     n_sync = sum(isinstance(m, SyncBatchNorm) for m in sync.modules())

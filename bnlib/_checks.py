@@ -28,8 +28,13 @@ running statistics):
 - ``averaging_factor(momentum, num_batches_tracked, needed, as_count)``: the weight of the new batch in the
   running averages (``momentum``, or ``1 / num_batches_tracked`` for ``momentum=None``).
 
-Messages name the argument, say what was expected and what was received. ``dtype_name(dtype)`` turns any
-dtype into ``"float32"``-style text.
+- ``check_int(name, value, low, high=None)``, ``check_real(name, value, low, high=None, ...)``: an int
+  (not bool) or a real number in a range; ``check_training_run(n_train, n_labels, steps, batch_size)``.
+
+Every message has one shape, ``"<argument>: expected <what>, got <value>"`` (the lab uses the same), with
+``TypeError`` for a wrong type and ``ValueError`` for a wrong value -- except the two messages PyTorch
+itself raises for too-small batches (and the module's num_features mismatch), which are copied word for word
+so bnlib stays a drop-in. ``dtype_name(dtype)`` turns any dtype into ``"float32"``-style text.
 """
 from __future__ import annotations
 
@@ -50,6 +55,9 @@ __all__ = [
     "check_num_channels",
     "check_num_groups",
     "check_positive_int",
+    "check_int",
+    "check_real",
+    "check_training_run",
     "check_normalized_shape",
     "check_training_size",
     "check_spatial_size",
@@ -88,9 +96,9 @@ def _describe(shape) -> str:
 def check_eps(eps, name: str = "eps") -> float:
     """``eps`` must be a finite real number > 0. Returns it as a float."""
     if not _is_real(eps):
-        raise TypeError(f"{name} must be a positive real number, got {type(eps).__name__} {eps!r}")
+        raise TypeError(f"{name}: expected a positive real number, got {type(eps).__name__} {eps!r}")
     if not (math.isfinite(float(eps)) and eps > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {eps!r}")
+        raise ValueError(f"{name}: expected a positive finite number, got {eps!r}")
     return float(eps)
 
 
@@ -99,12 +107,12 @@ def check_momentum(momentum, allow_none: bool = True) -> Optional[float]:
     if momentum is None:
         if allow_none:
             return None
-        raise TypeError("momentum must be a real number in [0, 1], got None")
+        raise TypeError("momentum: expected a real number in [0, 1], got None")
     if not _is_real(momentum):
-        raise TypeError(f"momentum must be None or a real number in [0, 1], got {type(momentum).__name__} "
+        raise TypeError(f"momentum: expected None or a real number in [0, 1], got {type(momentum).__name__} "
                         f"{momentum!r}")
     if not 0.0 <= float(momentum) <= 1.0:  # NaN fails this test too
-        raise ValueError(f"momentum must be None or a real number in [0, 1], got {momentum!r}")
+        raise ValueError(f"momentum: expected None or a real number in [0, 1], got {momentum!r}")
     return float(momentum)
 
 
@@ -117,7 +125,7 @@ def check_ndim(ndim: int, allowed: Iterable[int], name: str = "input", layout: s
         else:
             want = ", ".join(str(a) for a in allowed[:-1]) + f" or {allowed[-1]}"
         hint = f" {layout}" if layout else ""
-        raise ValueError(f"expected {name} with {want} dimensions{hint}, got {ndim}-D {name}")
+        raise ValueError(f"{name}: expected {want} dimensions{hint}, got {ndim}-D {name}")
 
 
 def check_shape(name: str, shape: Optional[Sequence[int]], expected: Sequence[int]) -> None:
@@ -125,7 +133,7 @@ def check_shape(name: str, shape: Optional[Sequence[int]], expected: Sequence[in
     if shape is None:
         return
     if tuple(int(s) for s in shape) != tuple(int(s) for s in expected):
-        raise ValueError(f"{name} must have shape {_describe(expected)}, got shape {_describe(shape)}")
+        raise ValueError(f"{name}: expected shape {_describe(expected)}, got shape {_describe(shape)}")
 
 
 def check_per_channel(name: str, shape: Optional[Sequence[int]], C: int) -> None:
@@ -133,23 +141,23 @@ def check_per_channel(name: str, shape: Optional[Sequence[int]], C: int) -> None
     if shape is None:
         return
     if tuple(int(s) for s in shape) != (int(C),):
-        raise ValueError(f"{name} must have shape ({int(C)},) to match the {int(C)} channels of input "
+        raise ValueError(f"{name}: expected shape ({int(C)},) to match the {int(C)} channels of input "
                          f"(dimension 1), got shape {_describe(shape)}")
 
 
 def check_num_channels(C: int, num_features: int, dim: int = 1) -> None:
     """A module built for ``num_features`` channels must get an input with that many in dimension ``dim``."""
     if int(C) != int(num_features):
-        raise ValueError(f"expected input with num_features={int(num_features)} channels in dimension {dim}, "
+        raise ValueError(f"input: expected num_features={int(num_features)} channels in dimension {dim}, "
                          f"got {int(C)}")
 
 
 def check_positive_int(name: str, value) -> int:
     """``value`` must be an int > 0."""
     if not _is_int(value):
-        raise TypeError(f"{name} must be a positive int, got {type(value).__name__} {value!r}")
+        raise TypeError(f"{name}: expected a positive int, got {type(value).__name__} {value!r}")
     if value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+        raise ValueError(f"{name}: expected a positive int, got {value!r}")
     return int(value)
 
 
@@ -157,8 +165,8 @@ def check_num_groups(num_groups, C: int) -> int:
     """``num_groups`` must be a positive int that divides the number of channels ``C``."""
     num_groups = check_positive_int("num_groups", num_groups)
     if C % num_groups != 0:
-        raise ValueError(f"num_groups must divide the number of channels, got num_groups={num_groups} "
-                         f"for {C} channels")
+        raise ValueError(f"num_groups: expected a divisor of the number of channels ({C}), got "
+                         f"num_groups={num_groups}")
     return num_groups
 
 
@@ -169,15 +177,15 @@ def check_normalized_shape(normalized_shape, input_shape: Sequence[int]) -> Tupl
     try:
         ns = tuple(normalized_shape)
     except TypeError:
-        raise TypeError(f"normalized_shape must be an int or a sequence of ints, got "
+        raise TypeError(f"normalized_shape: expected an int or a sequence of ints, got "
                         f"{type(normalized_shape).__name__}") from None
     if len(ns) == 0 or not all(_is_int(s) and s > 0 for s in ns):
-        raise ValueError(f"normalized_shape must be a non-empty sequence of positive ints, got {ns!r}")
+        raise ValueError(f"normalized_shape: expected a non-empty sequence of positive ints, got {ns!r}")
     ns = tuple(int(s) for s in ns)
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) < len(ns) or input_shape[len(input_shape) - len(ns):] != ns:
-        raise ValueError(f"normalized_shape={list(ns)} must match the trailing dimensions of input, "
-                         f"expected input of shape (*, {', '.join(map(str, ns))}), got input of shape "
+        raise ValueError(f"normalized_shape: expected {list(ns)} to match the trailing dimensions of input "
+                         f"(an input of shape (*, {', '.join(map(str, ns))})), got input of shape "
                          f"{_describe(input_shape)}")
     return ns
 
@@ -186,13 +194,38 @@ def _size_string(shape: Sequence[int]) -> str:
     return f"torch.Size([{', '.join(str(int(s)) for s in shape)}])"
 
 
+def check_int(name: str, value, low: int, high: Optional[int] = None) -> int:
+    """``value`` must be an int (not bool) in ``[low, high]`` (``high=None``: no upper bound). Returns it."""
+    want = f"an int >= {low}" if high is None else f"an int in [{low}, {high}]"
+    if not _is_int(value):
+        raise TypeError(f"{name}: expected {want}, got {type(value).__name__} {value!r}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"{name}: expected {want}, got {value!r}")
+    return int(value)
+
+
+def check_real(name: str, value, low: float, high: Optional[float] = None, *, open_low: bool = False,
+               open_high: bool = False) -> float:
+    """``value`` must be a finite real number (not bool) in the interval from ``low`` to ``high``
+    (closed unless ``open_low``/``open_high``; ``high=None``: no upper bound). Returns it as a float."""
+    lo, hi = ("(" if open_low else "["), (")" if open_high or high is None else "]")
+    want = f"a real number in {lo}{low:g}, {'inf' if high is None else format(high, 'g')}{hi}"
+    if not _is_real(value):
+        raise TypeError(f"{name}: expected {want}, got {type(value).__name__} {value!r}")
+    v = float(value)
+    ok = math.isfinite(v) and (v > low if open_low else v >= low)
+    if high is not None:
+        ok = ok and (v < high if open_high else v <= high)
+    if not ok:
+        raise ValueError(f"{name}: expected {want}, got {value!r}")
+    return v
+
+
 def check_training_run(n_train: int, n_labels: int, steps, batch_size) -> None:
     """The arguments every training loop shares: ``steps`` a positive int, ``batch_size`` an int in
     ``[1, n_train]``, and one label per training example."""
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected a positive int, got {steps!r}")
-    if not isinstance(batch_size, int) or not 1 <= batch_size <= n_train:
-        raise ValueError(f"batch_size: expected an int in [1, {n_train}], got {batch_size!r}")
+    check_int("steps", steps, 1)
+    check_int("batch_size", batch_size, 1, n_train)
     if n_labels != n_train:
         raise ValueError(f"y_train: expected {n_train} labels to match x_train, got {n_labels}")
 
@@ -222,7 +255,7 @@ def check_float_dtype(name: str, dtype, allowed: Sequence[str] = FLOAT_DTYPES) -
     got = dtype_name(dtype)
     if got not in allowed:
         want = " or ".join(allowed) if len(allowed) <= 2 else ", ".join(allowed[:-1]) + f" or {allowed[-1]}"
-        raise TypeError(f"{name} must have a floating-point dtype ({want}), got {got}")
+        raise TypeError(f"{name}: expected a floating-point dtype ({want}), got {got}")
     return got
 
 
@@ -230,19 +263,20 @@ def check_running_stats(running_mean_given: bool, running_var_given: bool, train
                         names: Tuple[str, str] = ("running_mean", "running_var")) -> None:
     """Running mean and variance are given together or not at all, and must be given when not training."""
     if bool(running_mean_given) != bool(running_var_given):
-        raise ValueError(f"{names[0]} and {names[1]} must either both be None or neither be None")
+        given = names[0] if running_mean_given else names[1]
+        raise ValueError(f"{names[0]}, {names[1]}: expected both or neither, got only {given}")
     if not training and not running_mean_given:
-        raise ValueError(f"{names[0]} and {names[1]} must be given when training=False (evaluation "
-                         f"normalizes with the running statistics)")
+        raise ValueError(f"{names[0]}, {names[1]}: expected both when training=False (evaluation "
+                         f"normalizes with the running statistics), got None")
 
 
 def check_renorm_limits(r_max, d_max) -> Tuple[float, float]:
     """Batch renormalization clips: ``r_max >= 1`` and ``d_max >= 0``, both finite reals."""
     for name, value, low in (("r_max", r_max, 1.0), ("d_max", d_max, 0.0)):
         if not _is_real(value):
-            raise TypeError(f"{name} must be a real number >= {low:g}, got {type(value).__name__} {value!r}")
+            raise TypeError(f"{name}: expected a real number >= {low:g}, got {type(value).__name__} {value!r}")
         if not (math.isfinite(float(value)) and value >= low):
-            raise ValueError(f"{name} must be a finite real number >= {low:g}, got {value!r}")
+            raise ValueError(f"{name}: expected a finite real number >= {low:g}, got {value!r}")
     return float(r_max), float(d_max)
 
 
@@ -264,9 +298,9 @@ def averaging_factor(momentum, num_batches_tracked, needed: bool,
     if not needed:
         return 0.0
     if num_batches_tracked is None:
-        raise ValueError("momentum=None (cumulative moving average) needs num_batches_tracked, the number of "
-                         "batches seen including this one")
+        raise ValueError("num_batches_tracked: expected the number of batches seen including this one (momentum="
+                         "None is the cumulative moving average), got None")
     count = as_count(num_batches_tracked)
     if count is None or count < 1:
-        raise ValueError(f"num_batches_tracked must be an int >= 1, got {num_batches_tracked!r}")
+        raise ValueError(f"num_batches_tracked: expected an int >= 1, got {num_batches_tracked!r}")
     return 1.0 / count

@@ -23,7 +23,7 @@ _USER_SEED_TEXT = os.environ.get(SEED_ENV, "").strip() or None
 
 def _check_seed(seed, name: str = "seed") -> int:
     if not isinstance(seed, (int, np.integer)) or isinstance(seed, bool) or seed < 0:
-        raise ValueError(f"{name} must be a non-negative int, got {seed!r}")
+        raise ValueError(f"{name}: expected a non-negative int, got {seed!r}")
     return int(seed)
 
 
@@ -31,7 +31,7 @@ def _parse_seed_env(text: str | None) -> int:
     if not text:
         return 0
     if not text.isdigit():
-        raise ValueError(f"{SEED_ENV} must be a non-negative integer, got {text!r}")
+        raise ValueError(f"{SEED_ENV}: expected a non-negative integer, got {text!r}")
     return int(text)
 
 
@@ -44,7 +44,8 @@ def derive_seed(seed: int) -> int:
     """The generator seed for offset ``seed`` under the current base seed: ``seed + 10_000 * base_seed()``."""
     seed = _check_seed(seed)
     if seed >= SEED_STRIDE:
-        raise ValueError(f"seed must be below {SEED_STRIDE} (seeds of different base seeds must not overlap), got {seed}")
+        raise ValueError(f"seed: expected an int below {SEED_STRIDE} (seeds of different base seeds must not overlap), "
+                         f"got {seed}")
     return seed + SEED_STRIDE * base_seed()
 
 
@@ -81,19 +82,16 @@ def default_device():
 
 
 def setup(seed: int = 0, *, quiet: bool = False):
-    """Fix the base seed (``$BNLIB_SEED`` wins over ``seed``), seed Python, NumPy and torch, apply the book's
-    plot style and return the device to use.
+    """Fix the base seed (``$BNLIB_SEED`` wins over ``seed``), seed Python, NumPy and torch and return the
+    device to use. (The book's notebooks call :func:`bnlib.lab.setup`, which also applies the plot style.)
 
-    >>> device = bnlib.setup(seed=0)   # first code cell of every chapter
+    >>> device = bnlib.setup(seed=0)
     """
     seed = _check_seed(seed)
     from_env = _USER_SEED_TEXT is not None
     base = _parse_seed_env(_USER_SEED_TEXT) if from_env else seed
     os.environ[SEED_ENV] = str(base)  # derive_seed reads it; worker processes (sweeps) inherit it
     seed_everything(0)
-    from . import plotting
-
-    plotting.use_book_style()
     device = default_device()
     if not quiet:
         from . import __version__

@@ -15,8 +15,9 @@ other too. ``make test`` runs the unit tests and every notebook under both confi
   OpenBLAS and NumPy held one SIMD level below what this processor offers (AVX2 on an AVX-512 processor, SSE
   on an AVX2 one). Every torch sum then runs in an order that neither kind of processor uses natively.
   NumPy's own reductions (pairwise summation in a fixed block order) give the same bits on every x86
-  processor, so pure-NumPy results rarely change here; its matrix products (OpenBLAS) do. ``tests/test_numeric_env.py`` checks that the two configurations really give
-  different full-precision results.
+  processor, so pure-NumPy results rarely change here; its matrix products (OpenBLAS) do.
+  ``tests/test_numeric_env.py`` checks that the two configurations really give different full-precision
+  results.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ ONE_THREAD = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THRE
 ALWAYS_OTHER = {"ATEN_CPU_CAPABILITY": "default", "MKL_CBWR": "COMPATIBLE"}
 # One SIMD level below the processor's own for the libraries that pick kernels by it at run time:
 # oneDNN (torch's convolutions), OpenBLAS (NumPy's matrix products) and NumPy's dispatched loops.
-BELOW_AVX512 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "OPENBLAS_CORETYPE": "Haswell", "NPY_DISABLE_CPU_FEATURES": "X86_V4,AVX512_ICL"}
+BELOW_AVX512 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "OPENBLAS_CORETYPE": "Haswell",
+                "NPY_DISABLE_CPU_FEATURES": "X86_V4,AVX512_ICL"}
 BELOW_AVX2 = {"ONEDNN_MAX_CPU_ISA": "SSE41", "OPENBLAS_CORETYPE": "Nehalem", "NPY_DISABLE_CPU_FEATURES": "X86_V3"}
 CONFIGS = ("native", "other")
 

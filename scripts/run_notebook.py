@@ -17,7 +17,6 @@ from pathlib import Path
 import nbformat
 from nbclient import NotebookClient
 
-
 # The book's stored outputs are made from the offline MNIST subset so they reproduce anywhere (and under nbval,
 # which `make test` runs with the same setting). Override with BNLIB_OFFLINE=0.
 os.environ.setdefault("BNLIB_OFFLINE", "1")

@@ -14,7 +14,7 @@ def draw():
 def test_setup_seeds_everything_and_returns_device(capsys, monkeypatch):
     # setup() exports the base seed as $BNLIB_SEED: monkeypatch (setenv records the variable's state before the
     # test) restores it afterwards, so the tests that run later in this process see base seed 0 again
-    # (tests/test_sweeps.py builds its single networks after torch.manual_seed(seed))
+    # (tests/lab/test_small_batches.py builds its single networks after torch.manual_seed(seed))
     monkeypatch.setenv("BNLIB_SEED", "0")
     monkeypatch.delenv("BNLIB_SEED")
     device = bnlib.setup(seed=3)
@@ -36,7 +36,7 @@ def test_bad_seed(seed):
 def test_lazy_submodules():
     assert bnlib.data.load_mnist is not None
     with pytest.raises(AttributeError):
-        bnlib.does_not_exist
+        bnlib.does_not_exist  # noqa: B018 (the attribute access is the test)
 
 
 def test_derived_seeds_are_offsets_of_the_base_seed(monkeypatch):
@@ -75,8 +75,8 @@ def test_bnlib_seed_from_the_environment_replaces_the_chapters_seed(monkeypatch,
 
 def test_lab_code_draws_from_the_base_seed(monkeypatch):
     """Everything a chapter seeds with an offset moves with the base seed: here a training run's batches."""
-    from bnlib.experiments import train
-    from bnlib.models import mlp
+    from bnlib.lab.models import mlp
+    from bnlib.lab.train import train
 
     x, y = torch.randn(64, 4, generator=torch.Generator().manual_seed(0)), torch.arange(64) % 3
 

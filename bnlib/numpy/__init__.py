@@ -13,6 +13,9 @@ and returns ``(dx, dweight, dbias)``:
                                        momentum=0.99, epsilon=1e-3)`` -- Keras's bookkeeping
 ``layer_norm`` / ``_backward``         ``(x, normalized_shape, weight=None, bias=None, eps=1e-5)`` /
                                        ``(dy, x, normalized_shape, weight=None, eps=1e-5)``
+``rms_norm`` / ``_backward``           ``(x, normalized_shape, weight=None, eps=None)`` /
+                                       ``(dy, x, normalized_shape, weight=None, eps=None)`` (Zhang & Sennrich
+                                       2019; returns ``(dx, dweight)``: no bias)
 ``group_norm`` / ``_backward``         ``(x, num_groups, weight=None, bias=None, eps=1e-5)`` /
                                        ``(dy, x, num_groups, weight=None, eps=1e-5)``
 ``instance_norm`` / ``_backward``      ``(x, running_mean=None, running_var=None, weight=None, bias=None,
@@ -26,7 +29,7 @@ and returns ``(dx, dweight, dbias)``:
 Modules shaped like ``torch.nn`` (``train()``/``eval()``, ``weight``/``bias``/``running_mean``/``running_var``/
 ``num_batches_tracked``, ``state_dict()``, ``__call__`` and ``backward(dy)`` storing ``dweight``/``dbias``):
 ``BatchNorm1d/2d/3d`` (with an opt-in Keras convention), ``LayerNorm``, ``GroupNorm``, ``InstanceNorm1d/2d/3d``,
-``BatchRenorm1d/2d/3d``, ``BatchLayerNorm``.
+``BatchRenorm1d/2d/3d``, ``BatchLayerNorm``, ``RMSNorm``.
 
 Variance helpers for the chapters: ``naive_var`` (``E[x^2] - E[x]^2``, unstable), ``two_pass_var``,
 ``welford_var``, ``channel_stats``.
@@ -36,21 +39,35 @@ Conventions everywhere: normalize with the BIASED variance; running variances ho
 two-pass algorithm; NaN/inf propagate; bad arguments raise ``ValueError``/``TypeError`` naming the argument
 before any running statistic is touched (see :mod:`bnlib._checks`).
 """
+from .batch_layer_norm import batch_layer_norm, batch_layer_norm_backward, bln_weights
 from .batch_norm import batch_norm, batch_norm_backward, keras_batch_norm
-from .layer_norm import layer_norm, layer_norm_backward
+from .batch_renorm import batch_renorm, batch_renorm_backward, renorm_factors
 from .group_norm import group_norm, group_norm_backward
 from .instance_norm import instance_norm, instance_norm_backward
-from .batch_renorm import batch_renorm, batch_renorm_backward, renorm_factors
-from .batch_layer_norm import batch_layer_norm, batch_layer_norm_backward, bln_weights
-from .stats import naive_var, two_pass_var, welford_var, channel_stats
+from .layer_norm import layer_norm, layer_norm_backward
 from .modules import (
-    Module, BatchNorm1d, BatchNorm2d, BatchNorm3d, LayerNorm, GroupNorm, InstanceNorm1d, InstanceNorm2d,
-    InstanceNorm3d, BatchLayerNorm, BatchRenorm1d, BatchRenorm2d, BatchRenorm3d,
+    BatchLayerNorm,
+    BatchNorm1d,
+    BatchNorm2d,
+    BatchNorm3d,
+    BatchRenorm1d,
+    BatchRenorm2d,
+    BatchRenorm3d,
+    GroupNorm,
+    InstanceNorm1d,
+    InstanceNorm2d,
+    InstanceNorm3d,
+    LayerNorm,
+    Module,
+    RMSNorm,
 )
+from .rms_norm import rms_norm, rms_norm_backward
+from .stats import channel_stats, naive_var, two_pass_var, welford_var
 
 __all__ = [
     "batch_norm", "batch_norm_backward", "keras_batch_norm",
     "layer_norm", "layer_norm_backward",
+    "rms_norm", "rms_norm_backward",
     "group_norm", "group_norm_backward",
     "instance_norm", "instance_norm_backward",
     "batch_renorm", "batch_renorm_backward", "renorm_factors",
@@ -58,5 +75,5 @@ __all__ = [
     "naive_var", "two_pass_var", "welford_var", "channel_stats",
     "Module", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "BatchLayerNorm",
-    "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
+    "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "RMSNorm",
 ]

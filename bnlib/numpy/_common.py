@@ -42,10 +42,10 @@ def as_running(name, value, C, will_update):
     if value is None:
         return None
     if will_update and not isinstance(value, np.ndarray):
-        raise TypeError(f"{name} must be a NumPy array (it is updated in place), got {type(value).__name__}")
+        raise TypeError(f"{name}: expected a NumPy array (it is updated in place), got {type(value).__name__}")
     arr = as_per_channel(name, value, C)
     if will_update and not arr.flags.writeable:
-        raise ValueError(f"{name} must be writeable (it is updated in place)")
+        raise ValueError(f"{name}: expected a writeable array (it is updated in place), got a read-only one")
     return arr
 
 

@@ -44,7 +44,8 @@ import numpy as np
 
 from .. import _checks
 from . import _common
-from .batch_norm import _check_dy, _validate as _bn_validate
+from .batch_norm import _check_dy
+from .batch_norm import _validate as _bn_validate
 from .stats import _affine, _as_abl, _moments, _norm_grad
 
 __all__ = ["batch_layer_norm", "batch_layer_norm_backward", "bln_weights"]

@@ -23,7 +23,9 @@ import numpy as np
 
 from .. import _checks
 from . import _common
-from .batch_norm import _backward_eval, _check_dy, _forward as _bn_forward, _validate as _bn_validate
+from .batch_norm import _backward_eval, _check_dy
+from .batch_norm import _forward as _bn_forward
+from .batch_norm import _validate as _bn_validate
 from .stats import _affine, _as_abl, _moments, _norm_grad
 
 __all__ = ["batch_renorm", "batch_renorm_backward", "renorm_factors"]
@@ -31,7 +33,7 @@ __all__ = ["batch_renorm", "batch_renorm_backward", "renorm_factors"]
 
 def _validate(x, running_mean, running_var, weight, bias, training, eps, r_max, d_max, will_update):
     if running_mean is None or running_var is None:
-        raise ValueError("batch_renorm needs running_mean and running_var (arrays of shape (C,)), got None")
+        raise ValueError("running_mean, running_var: expected arrays of shape (C,) (batch renorm needs them), got None")
     _checks.check_renorm_limits(r_max, d_max)
     return _bn_validate(x, running_mean, running_var, weight, bias, training, eps, will_update)
 

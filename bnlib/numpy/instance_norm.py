@@ -23,7 +23,8 @@ import numpy as np
 
 from .. import _checks
 from . import _common
-from .batch_norm import _backward_eval, _forward as _bn_forward
+from .batch_norm import _backward_eval
+from .batch_norm import _forward as _bn_forward
 from .group_norm import _channel_affine
 from .stats import _affine, _moments, _norm_grad
 

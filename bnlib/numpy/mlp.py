@@ -14,24 +14,24 @@ so that its redundancy can be measured (its gradient is exactly zero there, see 
 
 Shapes and conventions follow ``torch.nn``: weights are (out, in), ``W{l}``/``b{l}`` for layer ``l``,
 ``gamma{l}``/``beta{l}`` and the buffers ``running_mean{l}``/``running_var{l}`` for its normalization, so a
-model can be copied to and from :func:`bnlib.models.mlp` (see :meth:`MLP.to_torch_state_dict`).
+model can be copied to and from :func:`bnlib.lab.models.mlp` (see :meth:`MLP.to_torch_state_dict`).
 
 >>> model = MLP((784, 100, 100, 10), activation="sigmoid", batch_norm=True, seed=0)
->>> history = fit(model, data.x_train, data.y_train, steps=500, batch_size=60, lr=0.5,
-...               x_eval=data.x_test, y_eval=data.y_test)
+>>> history = bnlib.lab.train.train(model, data.x_train, data.y_train, steps=500, batch_size=60, lr=0.5,
+...                                  x_eval=data.x_test, y_eval=data.y_test)   # the book's one loop
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
-from .._checks import check_eps, check_momentum, check_training_run
-from .._setup import generator, rng as derived_rng
+from .._checks import check_eps, check_momentum
+from .._setup import rng as derived_rng
 from .batch_norm import batch_norm, batch_norm_backward
 
-__all__ = ["MLP", "fit", "softmax_cross_entropy", "ACTIVATIONS"]
+__all__ = ["MLP", "softmax_cross_entropy", "ACTIVATIONS"]
 
 #: Activation functions: name -> (f, derivative expressed through the input z and the output a = f(z)).
 ACTIVATIONS: dict = {
@@ -56,7 +56,7 @@ def softmax_cross_entropy(logits: np.ndarray, y: np.ndarray):
     if y.shape != (logits.shape[0],) or not np.issubdtype(y.dtype, np.integer):
         raise ValueError(f"y: expected {logits.shape[0]} integer labels, got shape {y.shape} dtype {y.dtype}")
     if y.size and (y.min() < 0 or y.max() >= logits.shape[1]):
-        raise ValueError(f"y: labels must lie in [0, {logits.shape[1]}), got range [{y.min()}, {y.max()}]")
+        raise ValueError(f"y: expected labels in [0, {logits.shape[1]}), got range [{y.min()}, {y.max()}]")
     shifted = logits - logits.max(axis=1, keepdims=True)
     log_z = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     log_p = shifted - log_z
@@ -294,9 +294,9 @@ class MLP:
 
     # ------------------------------------------------------------------ interchange with torch
     def torch_names(self) -> dict:
-        """Parameter and buffer names -> the state-dict keys of the same layout in :func:`bnlib.models.mlp`.
+        """Parameter and buffer names -> the state-dict keys of the same layout in :func:`bnlib.lab.models.mlp`.
 
-        ``bnlib.models.mlp(sizes[0], sizes[1:-1], sizes[-1], activation=..., norm='bn' or 'none',
+        ``bnlib.lab.models.mlp(sizes[0], sizes[1:-1], sizes[-1], activation=..., norm='bn' or 'none',
         norm_position=..., bias=...)`` numbers its ``nn.Sequential`` children: Flatten, then per hidden layer
         Linear, BatchNorm and activation (in the model's order), then the output Linear.
         """
@@ -314,7 +314,7 @@ class MLP:
         return names
 
     def to_torch_state_dict(self) -> dict:
-        """The parameters and buffers as a torch state dict for :func:`bnlib.models.mlp` (see :meth:`torch_names`).
+        """The parameters and buffers as a torch state dict for :func:`bnlib.lab.models.mlp` (see :meth:`torch_names`).
 
         ``num_batches_tracked`` is not tracked here and is left out; load with ``strict=False`` when the torch
         model's norm layers have that buffer (``torch.nn.BatchNorm1d`` tolerates its absence).
@@ -323,115 +323,3 @@ class MLP:
 
         state = {**self.params, **self.buffers}
         return {key: torch.from_numpy(state[name].copy()) for name, key in self.torch_names().items()}
-
-
-def fit(
-    model: MLP,
-    x_train,
-    y_train,
-    *,
-    steps: int,
-    batch_size: int,
-    lr: float,
-    x_eval=None,
-    y_eval=None,
-    eval_every: int = 100,
-    seed: int = 0,
-    callback: Optional[Callable] = None,
-    progress: bool = False,
-    desc: str = "train",
-    blas_threads: Optional[int] = 1,
-):
-    """Train ``model`` with plain SGD on softmax cross-entropy; returns a :class:`bnlib.experiments.History`.
-
-    The same loop as :func:`bnlib.experiments.train`, batch for batch: the order comes from
-    ``torch.randperm`` with a ``torch.Generator`` seeded with ``seed``, re-drawn each epoch, so a NumPy
-    model and its torch twin see identical mini-batches. ``callback(step, model, xb, yb)`` runs after each
-    step. Evaluation happens at step 0, every ``eval_every`` steps and at the end; training stops, with
-    ``history.diverged = True``, when the loss becomes NaN or infinite.
-
-    ``blas_threads`` caps the BLAS thread pool while training (via ``threadpoolctl`` when it is installed;
-    ``None`` leaves it alone). The matrices of a small MLP are too small for threads to pay off, and on a
-    busy machine spinning BLAS threads made training about ten times slower in our measurements.
-    """
-    if not isinstance(model, MLP):
-        raise TypeError(f"model: expected a bnlib.numpy.mlp.MLP, got {type(model).__name__}")
-    x_train = model._as_input(x_train)
-    y_train = np.asarray(y_train)
-    check_training_run(len(x_train), len(y_train), steps, batch_size)
-    if not (isinstance(lr, (int, float)) and lr > 0 and math.isfinite(lr)):
-        raise ValueError(f"lr: expected a positive finite number, got {lr!r}")
-    if (x_eval is None) != (y_eval is None):
-        raise ValueError("x_eval, y_eval: give both or neither")
-    if not isinstance(eval_every, int) or eval_every < 1:
-        raise ValueError(f"eval_every: expected a positive int, got {eval_every!r}")
-
-    if blas_threads is not None and not (isinstance(blas_threads, int) and blas_threads >= 1):
-        raise ValueError(f"blas_threads: expected None or a positive int, got {blas_threads!r}")
-
-    with _blas_limit(blas_threads):
-        return _fit(model, x_train, y_train, steps, batch_size, lr, x_eval, y_eval, eval_every, seed,
-                    callback, progress, desc)
-
-
-def _blas_limit(threads: Optional[int]):
-    """A context manager limiting the BLAS threads (a no-op without ``threadpoolctl`` or for ``None``)."""
-    from contextlib import nullcontext
-
-    if threads is None:
-        return nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # optional: scikit-learn brings it
-        return nullcontext()
-    return threadpool_limits(limits=threads, user_api="blas")
-
-
-def _fit(model, x_train, y_train, steps, batch_size, lr, x_eval, y_eval, eval_every, seed, callback, progress,
-         desc):
-    import torch
-
-    from ..experiments import History
-
-    gen = generator(seed)
-    hist = History()
-    n = len(x_train)
-
-    def _eval(step):
-        if x_eval is not None:
-            loss, acc = model.evaluate(x_eval, y_eval)
-            hist.eval_steps.append(step)
-            hist.eval_loss.append(loss)
-            hist.eval_acc.append(acc)
-
-    model.train()
-    _eval(0)
-    order, pos = torch.randperm(n, generator=gen).numpy(), 0
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc=desc, leave=False)
-    with np.errstate(over="ignore", invalid="ignore"):
-        for step in range(1, steps + 1):
-            if pos + batch_size > n:
-                order, pos = torch.randperm(n, generator=gen).numpy(), 0
-            idx = order[pos: pos + batch_size]
-            pos += batch_size
-            xb, yb = x_train[idx], y_train[idx]
-            value, grads = model.loss_and_grads(xb, yb)
-            if not math.isfinite(value):
-                hist.train_loss.append(value)
-                hist.diverged = True
-                break
-            model.sgd_step(grads, lr)
-            hist.train_loss.append(value)
-            if callback is not None:
-                callback(step, model, xb, yb)
-            if bar is not None:
-                bar.update(1)
-            if step % eval_every == 0 or step == steps:
-                _eval(step)
-    if bar is not None:
-        bar.close()
-    return hist

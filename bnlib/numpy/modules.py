@@ -35,6 +35,7 @@ from . import _common
 from .group_norm import group_norm, group_norm_backward
 from .instance_norm import instance_norm, instance_norm_backward
 from .layer_norm import layer_norm, layer_norm_backward
+from .rms_norm import rms_norm, rms_norm_backward
 
 # The package re-exports functions named like their submodules (``bnlib.numpy.batch_norm`` is the function),
 # so fetch the submodules themselves from the import system.
@@ -45,7 +46,7 @@ _bln = importlib.import_module(".batch_layer_norm", __package__)
 __all__ = [
     "Module", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "BatchLayerNorm",
-    "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d",
+    "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "RMSNorm",
 ]
 
 
@@ -226,7 +227,7 @@ class _BatchNorm(_NormBase):
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, track_running_stats=True, *,
                  bias=True, dtype=None, convention="torch"):
         if convention not in ("torch", "keras"):
-            raise ValueError(f"convention must be 'torch' or 'keras', got {convention!r}")
+            raise ValueError(f"convention: expected 'torch' or 'keras', got {convention!r}")
         if convention == "keras":
             _checks.check_momentum(momentum, allow_none=False)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, bias=bias, dtype=dtype)
@@ -500,3 +501,43 @@ class GroupNorm(Module):
     def extra_repr(self):
         return (f"{self.num_groups}, {self.num_channels}, eps={self.eps}, affine={self.affine}, "
                 f"bias={self.bias is not None}")
+
+
+class RMSNorm(Module):
+    """RMS normalization over the trailing ``normalized_shape`` dims, like ``torch.nn.RMSNorm``; see
+    :mod:`bnlib.numpy.rms_norm`. ``eps=None`` (the default) is the machine epsilon of the input's dtype.
+    One parameter, ``weight`` (no bias); ``backward`` stores ``dweight`` and leaves ``dbias`` ``None``."""
+
+    _parameter_names = ("weight",)
+
+    def __init__(self, normalized_shape, eps=None, elementwise_affine=True, *, dtype=None):
+        super().__init__()
+        if isinstance(normalized_shape, (int, np.integer)):
+            normalized_shape = (normalized_shape,)
+        try:
+            normalized_shape = tuple(normalized_shape)
+        except TypeError:
+            pass  # rejected, naming it, by the check
+        self.normalized_shape = _checks.check_normalized_shape(normalized_shape, normalized_shape)
+        self.eps = None if eps is None else _checks.check_eps(eps)
+        self.elementwise_affine = bool(elementwise_affine)
+        self.dtype = np.dtype(np.float32 if dtype is None else dtype)
+        _checks.check_float_dtype("dtype", self.dtype)
+        self.weight = np.ones(self.normalized_shape, self.dtype) if self.elementwise_affine else None
+
+    def reset_parameters(self):
+        if self.weight is not None:
+            self.weight[...] = 1
+
+    def forward(self, x):
+        y = rms_norm(x, self.normalized_shape, self.weight, self.eps)
+        self._cache = np.asarray(x)
+        return y
+
+    def _backward(self, dy):
+        dx, dweight = rms_norm_backward(dy, self._cache, self.normalized_shape, self.weight, self.eps)
+        return dx, dweight, None
+
+    def extra_repr(self):
+        return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+

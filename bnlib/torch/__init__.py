@@ -1,12 +1,12 @@
 """bnlib.torch: drop-in ``torch.nn`` normalization layers with hand-derived autograd.
 
 Modules (same constructor arguments, parameter/buffer names and state dicts as ``torch.nn``):
-``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d``, ``LayerNorm``, ``GroupNorm``, ``InstanceNorm1d``,
+``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d``, ``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``InstanceNorm1d``,
 ``InstanceNorm2d``, ``InstanceNorm3d``; and the variants ``BatchRenorm1d``, ``BatchRenorm2d``, ``BatchRenorm3d``,
 ``BatchLayerNorm``, ``GhostBatchNorm1d``, ``GhostBatchNorm2d``.
 
-Functions: :mod:`bnlib.torch.functional` (``batch_norm``, ``layer_norm``, ``group_norm``, ``instance_norm``,
-``batch_renorm``, ``batch_layer_norm``, ``ghost_batch_norm``).
+Functions: :mod:`bnlib.torch.functional` (``batch_norm``, ``layer_norm``, ``rms_norm``, ``group_norm``,
+``instance_norm``, ``batch_renorm``, ``batch_layer_norm``, ``ghost_batch_norm``).
 
 Tools: :func:`convert` (swap a model's ``torch.nn`` norm layers for bnlib's, keeping their state) and
 :func:`fold_batchnorm` (an inference copy with batch norms folded into the preceding Linear/Conv).
@@ -22,11 +22,14 @@ from __future__ import annotations
 
 from . import functional
 from ._batch_norm import VERIFIED_TRITON_ARCHS, VerifiedArch
+from .convert import convert
+from .fold import FoldReport, fold_batchnorm
+from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, ghost_batch_norm
 from .modules import (
+    BatchLayerNorm,
     BatchNorm1d,
     BatchNorm2d,
     BatchNorm3d,
-    BatchLayerNorm,
     BatchRenorm1d,
     BatchRenorm2d,
     BatchRenorm3d,
@@ -35,17 +38,15 @@ from .modules import (
     InstanceNorm2d,
     InstanceNorm3d,
     LayerNorm,
-    _BatchNorm,
-    _NormBase,
+    RMSNorm,
+    _BatchNorm,  # noqa: F401 (the base classes, for isinstance checks: bnlib.torch._BatchNorm)
+    _NormBase,  # noqa: F401
 )
-from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, ghost_batch_norm
-from .convert import convert
-from .fold import FoldReport, fold_batchnorm
 
 __all__ = [
     "functional",
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
-    "LayerNorm", "GroupNorm",
+    "LayerNorm", "RMSNorm", "GroupNorm",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
     "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchLayerNorm",
     "GhostBatchNorm1d", "GhostBatchNorm2d", "ghost_batch_norm",

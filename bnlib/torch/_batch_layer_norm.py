@@ -28,8 +28,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _checks
 from ._batch_norm import bn_backward, bn_train_forward, check_batch_norm_args
-from ._common import (cast_like, channel_view, compute_dtype, save_norm_context, saved_norm_context,
-                      update_running_stats)
+from ._common import cast_like, channel_view, compute_dtype, save_norm_context, saved_norm_context, update_running_stats
 
 __all__ = ["batch_layer_norm", "bln_weights"]
 
@@ -60,7 +59,7 @@ class BatchLayerNormFunction(torch.autograd.Function):
     def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, m):
         cd = compute_dtype(x)
         xc = x if x.dtype == cd else x.to(cd)
-        N, C = x.shape[0], x.shape[1]
+        C = x.shape[1]
         nd = x.dim()
         a_l, a_b = bln_weights(m)
         gamma = torch.ones(C, dtype=cd, device=x.device) if weight is None else cast_like(weight, cd)

@@ -68,8 +68,8 @@ def batch_renorm(input: torch.Tensor, running_mean: torch.Tensor, running_var: t
     """Batch renormalization of an ``(N, C, *)`` input (see the module docstring); ``running_mean`` and
     ``running_var`` are required (they define ``r`` and ``d`` in training, and normalize in evaluation)."""
     if running_mean is None or running_var is None:
-        raise ValueError("batch_renorm needs running_mean and running_var (they define r and d in training "
-                         "and normalize in evaluation), got None")
+        raise ValueError("running_mean, running_var: expected both (they define r and d in training and "
+                         "normalize in evaluation), got None")
     momentum = check_batch_norm_args(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                      num_batches_tracked)
     r_max, d_max = _checks.check_renorm_limits(r_max, d_max)

@@ -4,8 +4,9 @@ Validation rules and messages come from :mod:`bnlib._checks` (shared with :mod:`
 adds the torch-only ones (devices, low-precision dtypes, parameters whose dtype differs from the input's)
 and a few tensor helpers (compute dtype, broadcasting views, running-statistics updates).
 
-Dtypes. Inputs may be float64, float32, float16 or bfloat16. Statistics are accumulated in float64 for
-float64 input and in float32 otherwise; the output has the input's dtype. Parameters (``weight``, ``bias``)
+Dtypes. Inputs may be float64, float32, float16 or bfloat16. Statistics are computed in float64 for float64
+input and in float32 otherwise (batch norm accumulates its means in float64, see
+:mod:`bnlib.torch._batch_norm`); the output has the input's dtype. Parameters (``weight``, ``bias``)
 and running statistics may have the input's dtype or, for float16/bfloat16 input, float32 (mixed precision,
 as with ``model.half()`` on the convolutions only).
 """
@@ -25,6 +26,7 @@ __all__ = [
     "check_param",
     "channel_view",
     "update_running_stats",
+    "update_running_stats_",
     "cast_like",
 ]
 
@@ -37,7 +39,7 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 def check_input(input, name: str = "input") -> None:
     """``input`` must be a floating-point tensor (float32, float64, float16 or bfloat16)."""
     if not isinstance(input, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(input).__name__}")
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(input).__name__}")
     _checks.check_float_dtype(name, input.dtype, allowed=TORCH_FLOAT_DTYPES)
 
 
@@ -48,17 +50,17 @@ def check_param(name: str, t: Optional[torch.Tensor], input: torch.Tensor,
     if t is None:
         return
     if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+        raise TypeError(f"{name}: expected a torch.Tensor or None, got {type(t).__name__}")
     if t.device != input.device:
-        raise ValueError(f"{name} is on device {t.device} but input is on device {input.device}; "
-                         f"move both to the same device")
+        raise ValueError(f"{name}: expected a tensor on input's device ({input.device}), got one on "
+                         f"{t.device}; move both to the same device")
     ok = {input.dtype}
     if input.dtype in (torch.float16, torch.bfloat16):
         ok.add(torch.float32)
     if t.dtype not in ok:
-        raise TypeError(f"{name} has dtype {_checks.dtype_name(t.dtype)} but input has dtype "
-                        f"{_checks.dtype_name(input.dtype)}; expected {name} in "
-                        + " or ".join(sorted(_checks.dtype_name(d) for d in ok)))
+        want = " or ".join(sorted(_checks.dtype_name(d) for d in ok))
+        raise TypeError(f"{name}: expected dtype {want} (input has dtype {_checks.dtype_name(input.dtype)}), "
+                        f"got {_checks.dtype_name(t.dtype)}")
     if C is not None:
         _checks.check_per_channel(name, tuple(t.shape), C)
     elif shape is not None:
@@ -98,11 +100,19 @@ def update_running_stats(running_mean: Optional[torch.Tensor], running_var: Opti
                          momentum: float) -> None:
     """PyTorch's convention, in place: ``running = (1 - momentum) * running + momentum * batch`` with the
     *unbiased* batch variance ``var * n / (n - 1)`` (``n`` = values per channel)."""
+    update_running_stats_(running_mean, running_var, batch_mean, batch_var_biased, count, momentum)
+
+
+def update_running_stats_(running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
+                          batch_mean: torch.Tensor, batch_var_biased: torch.Tensor, count: int,
+                          momentum: float) -> None:
+    """:func:`update_running_stats` without its ``torch.no_grad`` context, for callers where autograd is
+    already off (an autograd ``Function.forward``): ``running.lerp_(batch, momentum)``, one op per buffer."""
     if running_mean is None:
         return
     unbiased = batch_var_biased * (count / (count - 1)) if count > 1 else batch_var_biased
     for buf, new in ((running_mean, batch_mean), (running_var, unbiased)):
         if buf.dtype == new.dtype:
-            buf.mul_(1.0 - momentum).add_(new, alpha=momentum)
+            buf.lerp_(new, momentum)
         else:
-            buf.copy_(buf.to(new.dtype) * (1.0 - momentum) + new * momentum)
+            buf.copy_(buf.to(new.dtype).lerp_(new, momentum))

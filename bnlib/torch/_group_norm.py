@@ -58,7 +58,7 @@ def gn_forward(x, G, weight, bias, eps):
     """Returns ``(y, mean (N, G), var (N, G))``."""
     cd = compute_dtype(x)
     xc = x if x.dtype == cd else x.to(cd)
-    N, C = x.shape[0], x.shape[1]
+    C = x.shape[1]
     mean, var = gn_stats(xc, G, eps)
     invstd = torch.rsqrt(var + eps)
     rep = C // G

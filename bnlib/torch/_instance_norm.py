@@ -14,8 +14,7 @@ from torch.autograd.function import once_differentiable
 
 from .. import _checks
 from ._batch_norm import BatchNormFunction
-from ._common import (cast_like, check_input, check_param, save_norm_context, saved_norm_context,
-                      update_running_stats)
+from ._common import cast_like, check_input, check_param, save_norm_context, saved_norm_context, update_running_stats
 from ._group_norm import gn_backward, gn_forward
 
 __all__ = ["instance_norm"]
@@ -62,5 +61,5 @@ def instance_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor] = No
         _checks.check_spatial_size(tuple(input.shape))
         return InstanceNormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps)
     if running_mean is None:
-        raise ValueError("running_mean and running_var are required when use_input_stats=False")
+        raise ValueError("running_mean, running_var: expected both when use_input_stats=False, got None")
     return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, False, momentum, eps)

@@ -61,10 +61,13 @@ class LayerNormFunction(torch.autograd.Function):
         xc = x if x.dtype == cd else x.to(cd)
         xhat = (xc - mean).mul_(invstd)
         dx = dw = db = None
+        # sum over the batch dims; an empty tuple would sum over everything, so with no batch dims
+        # (normalized_shape covers the whole input) the per-element products are the gradients themselves
         if need_w:
-            dw = cast_like((dyc * xhat).sum(batch_dims), weight.dtype)
+            prod = dyc * xhat
+            dw = cast_like(prod.sum(batch_dims) if batch_dims else prod, weight.dtype)
         if need_b:
-            db = cast_like(dyc.sum(batch_dims), ctx.bias_dtype)
+            db = cast_like(dyc.sum(batch_dims) if batch_dims else dyc, ctx.bias_dtype)
         if need_dx:
             g = dyc if weight is None else dyc * cast_like(weight, cd)
             mean_g = g.sum(dims, keepdim=True) / K

@@ -30,6 +30,8 @@ _TORCH_TO_BNLIB = {
     nn.InstanceNorm2d: M.InstanceNorm2d,
     nn.InstanceNorm3d: M.InstanceNorm3d,
 }
+if hasattr(nn, "RMSNorm"):  # torch >= 2.4
+    _TORCH_TO_BNLIB[nn.RMSNorm] = M.RMSNorm
 
 
 def _mapping(to: str) -> Dict[type, type]:
@@ -43,7 +45,7 @@ def _mapping(to: str) -> Dict[type, type]:
         return mapping
     if to == "torch":
         return {v: k for k, v in mapping.items()}
-    raise ValueError(f"to must be 'bnlib' or 'torch', got {to!r}")
+    raise ValueError(f"to: expected 'bnlib' or 'torch', got {to!r}")
 
 
 def _swap(module: nn.Module, cls: type, to: str, backend: Optional[str]) -> nn.Module:
@@ -75,9 +77,9 @@ def convert(model: nn.Module, *, to: str = "bnlib", backend: Optional[str] = Non
         backend: for bnlib batch norms, ``'auto'`` (default), ``'torch'`` or ``'triton'``.
     """
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     if backend is not None and backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
+        raise ValueError(f"backend: expected 'auto', 'torch' or 'triton', got {backend!r}")
     mapping = _mapping(to)
     return _convert(model, mapping, to, backend, {})
 

@@ -111,7 +111,7 @@ def fold_batchnorm(model: nn.Module, *, warn: bool = True, return_report: bool =
     the copy as ``fold_report``; returned as ``(copy, report)`` with ``return_report=True``) and, when
     ``warn``, in one ``UserWarning``. Outputs of the copy equal those of ``model`` in its current mode."""
     if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     folded_model = copy.deepcopy(model)
     report = FoldReport()
     uses = {}

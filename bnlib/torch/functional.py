@@ -12,28 +12,24 @@ three, output in the input dtype), on CPU or CUDA, contiguous or channels-last.
 ==========================  ================================================================================
 ``batch_norm``              :mod:`bnlib.torch._batch_norm` (``backend='auto'|'torch'|'triton'``)
 ``layer_norm``              :mod:`bnlib.torch._layer_norm`
+``rms_norm``                :mod:`bnlib.torch._rms_norm`
 ``group_norm``              :mod:`bnlib.torch._group_norm`
 ``instance_norm``           :mod:`bnlib.torch._instance_norm`
 ``batch_renorm``            :mod:`bnlib.torch._batch_renorm`
 ``batch_layer_norm``        :mod:`bnlib.torch._batch_layer_norm`
-``ghost_batch_norm``        :mod:`bnlib.torch.ghost`
+``ghost_batch_norm``        :mod:`bnlib.torch._ghost_batch_norm`
 ==========================  ================================================================================
 """
 from __future__ import annotations
 
-from ._batch_norm import batch_norm
 from ._batch_layer_norm import batch_layer_norm
+from ._batch_norm import batch_norm
 from ._batch_renorm import batch_renorm
+from ._ghost_batch_norm import ghost_batch_norm
 from ._group_norm import group_norm
 from ._instance_norm import instance_norm
 from ._layer_norm import layer_norm
+from ._rms_norm import rms_norm
 
 __all__ = ["batch_norm", "layer_norm", "group_norm", "instance_norm", "batch_renorm", "batch_layer_norm",
-           "ghost_batch_norm"]
-
-
-def __getattr__(name):  # ghost imports the modules, which import this file: resolve it lazily
-    if name == "ghost_batch_norm":
-        from .ghost import ghost_batch_norm
-        return ghost_batch_norm
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+           "ghost_batch_norm", "rms_norm"]

@@ -20,8 +20,11 @@ twin. The hierarchy mirrors ``torch/nn/modules/batchnorm.py``:
   ``forward``, because it counts virtual batches in ``num_batches_tracked``;
 - ``BatchNorm1d/2d/3d`` only add ``_check_input_dim``.
 
-``BatchNorm*`` take one extra keyword-only argument, ``backend='auto'|'torch'|'triton'`` (see
-:func:`bnlib.torch.functional.batch_norm`); it is not part of the state dict.
+``BatchNorm*`` take two extra keyword-only arguments, neither part of the state dict:
+``backend='auto'|'torch'|'triton'`` (see :func:`bnlib.torch.functional.batch_norm`) and
+``convention='torch'|'keras'``: with ``'keras'`` the running statistics follow Keras (``momentum`` weighs the
+*old* average, e.g. ``BatchNorm1d(C, momentum=0.99, eps=1e-3, convention='keras')``; the running variance
+is the biased one), as ``bnlib.numpy``'s modules do.
 """
 from __future__ import annotations
 
@@ -35,7 +38,7 @@ from torch.nn import Parameter, init
 
 from .. import _checks
 from . import functional as BF
-from ._batch_norm import BACKENDS, check_batch_norm_args
+from ._batch_norm import BACKENDS, _check_convention, apply_batch_norm, check_batch_norm_args, quick_args_ok
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
@@ -54,7 +57,7 @@ _NDIM_LAYOUT = {
 
 def _check_ndim(input: Tensor, allowed) -> None:
     if not isinstance(input, torch.Tensor):
-        raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+        raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
     _checks.check_ndim(input.dim(), allowed, layout=_NDIM_LAYOUT.get(tuple(allowed), ""))
 
 
@@ -130,19 +133,33 @@ class _NormBase(nn.Module):
                                       unexpected_keys, error_msgs)
 
 
+_ONE = torch.tensor(1)  # num_batches_tracked.add_(_ONE) costs two thirds of add_(1)
+
+
 class _BatchNorm(_NormBase):
     """Batch normalization over dimension 1 of an ``(N, C, *)`` input.
 
     Subclasses override :meth:`_functional` (the normalization) and :meth:`_check_input_dim` (the accepted
-    ranks); ``forward`` handles the running-statistics bookkeeping exactly like ``torch.nn``."""
+    ranks); ``forward`` handles the running-statistics bookkeeping exactly like ``torch.nn``.
+
+    ``forward`` is the hot path of every training step, so it keeps Python work small: parameters and buffers
+    are read from their dicts, and when a subclass keeps this class's ``_validate`` a cheap test of the common
+    case (:func:`bnlib.torch._batch_norm.quick_args_ok`) stands in for it; only when that test fails does
+    ``_validate`` run (and raise, with its message, before any state changes). When ``_functional`` is this
+    class's own, the already-checked arguments go straight to the backend dispatch."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
-                 bias: bool = True, backend: str = "auto") -> None:
+                 bias: bool = True, backend: str = "auto", convention: str = "torch") -> None:
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}")
+            raise ValueError(f"backend: expected one of {', '.join(repr(b) for b in BACKENDS)}, got {backend!r}")
+        _check_convention(convention, momentum)
+        if convention != "torch" and type(self)._functional is not _BatchNorm._functional:
+            raise ValueError(f"convention: expected 'torch' for {type(self).__name__} (Keras' convention is "
+                             f"plain batch norm's), got {convention!r}")
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.backend = backend
+        self.convention = convention
 
     def _functional(self, input: Tensor, running_mean: Optional[Tensor], running_var: Optional[Tensor],
                     weight: Optional[Tensor], bias: Optional[Tensor], training: bool, momentum: float,
@@ -161,24 +178,47 @@ class _BatchNorm(_NormBase):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
+        training = self.training
+        try:  # the registered parameters and buffers, read from their dicts (nn.Module.__getattr__ is slow)
+            params, buffers = self._parameters, self._buffers
+            weight, bias = params["weight"], params["bias"]
+            running_mean, running_var = buffers["running_mean"], buffers["running_var"]
+            counter = buffers["num_batches_tracked"]
+        except KeyError:  # one was deleted or replaced by a plain attribute: the ordinary lookup
+            weight, bias, running_mean, running_var = self.weight, self.bias, self.running_mean, self.running_var
+            counter = self.num_batches_tracked
+        eps, momentum = self.eps, self.momentum
         # batch statistics in training, and in evaluation when there are no running statistics
-        bn_training = self.training or (self.running_mean is None and self.running_var is None)
+        bn_training = training or (running_mean is None and running_var is None)
         # running statistics are passed when they are updated (training and tracked) or used (evaluation)
-        use_buffers = not self.training or self.track_running_stats
-        running_mean = self.running_mean if use_buffers else None
-        running_var = self.running_var if use_buffers else None
-        self._validate(input, running_mean, running_var, bn_training)
-        factor = 0.0 if self.momentum is None else self.momentum
-        if self.training and self.track_running_stats and self.num_batches_tracked is not None:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:  # cumulative moving average
-                factor = 1.0 / float(self.num_batches_tracked)
-        return self._functional(input, running_mean, running_var, self.weight, self.bias, bn_training,
-                                factor, self.eps)
+        if training and not self.track_running_stats:
+            running_mean = running_var = None
+        cls = type(self)
+        # the full checks (hook) unless the cheap test of the common case vouches for _BatchNorm's own
+        if not (cls._validate is _BatchNorm._validate and input.shape[1] == self.num_features
+                and (momentum is None or (type(momentum) is float and 0.0 <= momentum <= 1.0))
+                and quick_args_ok(input, running_mean, running_var, weight, bias, bn_training, eps)):
+            self._validate(input, running_mean, running_var, bn_training)
+        keras = self.__dict__.get("convention", "torch") == "keras"
+        if keras:
+            _check_convention("keras", momentum)  # (momentum may have been set to None since __init__)
+        factor = 0.0 if momentum is None else momentum
+        if training and self.track_running_stats and counter is not None:
+            counter.add_(_ONE if counter.dtype == torch.long and counter.is_cpu else 1)
+            if momentum is None:  # cumulative moving average
+                factor = 1.0 / float(counter)
+        if cls._functional is _BatchNorm._functional:  # the arguments are checked: straight to the dispatch
+            if keras:  # Keras' momentum weighs the old average; the running variance is the biased one
+                return apply_batch_norm(input, running_mean, running_var, weight, bias, bn_training, 1.0 - factor,
+                                        eps, self.backend, unbiased=False)
+            return apply_batch_norm(input, running_mean, running_var, weight, bias, bn_training, factor, eps,
+                                    self.backend)
+        return self._functional(input, running_mean, running_var, weight, bias, bn_training, factor, eps)
 
     def extra_repr(self) -> str:
         s = super().extra_repr()
-        return s if self.backend == "auto" else s + f", backend={self.backend!r}"
+        s = s if self.backend == "auto" else s + f", backend={self.backend!r}"
+        return s if self.__dict__.get("convention", "torch") == "torch" else s + f", convention={self.convention!r}"
 
 
 class BatchNorm1d(_BatchNorm):
@@ -212,8 +252,8 @@ class _BatchRenorm(_BatchNorm):
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
                  bias: bool = True, r_max: float = 3.0, d_max: float = 5.0) -> None:
         if not track_running_stats:
-            raise ValueError("batch renormalization needs running statistics: track_running_stats must be "
-                             "True")
+            raise ValueError("track_running_stats: expected True (batch renormalization needs running "
+                             "statistics), got False")
         _checks.check_renorm_limits(r_max, d_max)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
                          backend="torch")
@@ -439,3 +479,52 @@ class BatchLayerNorm(_BatchNorm):
 
     def extra_repr(self) -> str:
         return _NormBase.extra_repr(self) + f", batch_size={self.batch_size}"
+
+
+# ----------------------------------------------------------------------------------------------------------
+def _as_shape(normalized_shape) -> tuple:
+    """``normalized_shape`` as a tuple when it is iterable (itself otherwise, for the check to reject)."""
+    try:
+        return tuple(normalized_shape)
+    except TypeError:
+        return normalized_shape
+
+
+class RMSNorm(nn.Module):
+    """RMS normalization (Zhang & Sennrich 2019) over the trailing ``normalized_shape`` dims; drop-in for
+    :class:`torch.nn.RMSNorm` (same arguments and defaults, one parameter ``weight``, same state dict and
+    ``repr``). ``eps=None`` uses the machine epsilon of the computation dtype, as torch does; formula and
+    backward in :mod:`bnlib.torch._rms_norm`."""
+
+    __constants__ = ["normalized_shape", "eps", "elementwise_affine"]
+
+    def __init__(self, normalized_shape: Union[int, Sequence[int]], eps: Optional[float] = None,
+                 elementwise_affine: bool = True, device=None, dtype=None) -> None:
+        factory_kwargs = {"device": device, "dtype": dtype}
+        super().__init__()
+        if isinstance(normalized_shape, numbers.Integral):
+            normalized_shape = (normalized_shape,)
+        ns = _as_shape(normalized_shape)
+        self.normalized_shape = _checks.check_normalized_shape(ns, ns)  # positive ints, else naming it
+        if eps is not None:
+            _checks.check_eps(eps)
+        self.eps = eps
+        self.elementwise_affine = elementwise_affine
+        if self.elementwise_affine:
+            self.weight = Parameter(torch.empty(self.normalized_shape, **factory_kwargs))
+        else:
+            self.register_parameter("weight", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.elementwise_affine:
+            init.ones_(self.weight)
+
+    def forward(self, input: Tensor) -> Tensor:
+        return BF.rms_norm(input, self.normalized_shape, self.weight, self.eps)
+
+    def extra_repr(self) -> str:
+        return "{normalized_shape}, eps={eps}, elementwise_affine={elementwise_affine}".format(**self.__dict__)
+
+
+__all__.append("RMSNorm")

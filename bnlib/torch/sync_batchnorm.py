@@ -195,7 +195,7 @@ class SyncBatchNorm(_BatchNorm):
 
     def _check_input_dim(self, input: Tensor) -> None:
         if not isinstance(input, torch.Tensor):
-            raise TypeError(f"input must be a torch.Tensor, got {type(input).__name__}")
+            raise TypeError(f"input: expected a torch.Tensor, got {type(input).__name__}")
         if input.dim() < 2:
             raise ValueError(f"expected at least 2D input (got {input.dim()}D input)")
 
@@ -285,7 +285,7 @@ def compare_with_single_process(sizes: Sequence[int], feature_shape: Sequence[in
     group = process_group if process_group is not None else dist.group.WORLD
     rank, world = dist.get_rank(group), dist.get_world_size(group)
     if len(sizes) != world:
-        raise ValueError(f"sizes must have one batch size per rank ({world}), got {list(sizes)}")
+        raise ValueError(f"sizes: expected one batch size per rank ({world}), got {list(sizes)}")
     C = int(feature_shape[0])
     ref_cls = {1: nn.BatchNorm1d, 2: nn.BatchNorm1d, 3: nn.BatchNorm2d, 4: nn.BatchNorm3d}[len(feature_shape)]
     gen = torch.Generator().manual_seed(seed)
@@ -368,10 +368,10 @@ def spawn_comparison(scenarios: Sequence[dict]) -> list:
 
     scenarios = [dict(s) for s in scenarios]
     if not scenarios:
-        raise ValueError("scenarios must hold at least one dict of arguments")
+        raise ValueError("scenarios: expected at least one dict of arguments, got none")
     worlds = {len(s.get("sizes", ())) for s in scenarios}
     if len(worlds) != 1 or 0 in worlds:
-        raise ValueError(f"every scenario needs 'sizes' with the same number (>= 1) of ranks, got {worlds}")
+        raise ValueError(f"scenarios: expected 'sizes' with the same number (>= 1) of ranks in each, got {worlds}")
     world = worlds.pop()
     with tempfile.TemporaryDirectory() as out_dir:
         mp.spawn(_spawn_worker, args=(world, _free_port(), out_dir, scenarios), nprocs=world, join=True)

@@ -1,9 +1,9 @@
-"""bnlib.cost: byte counts (exact), timers (call counts, quartiles), bandwidth helpers, communication bytes."""
+"""bnlib.lab.cost: byte counts (exact), timers (call counts, quartiles), bandwidth helpers, communication bytes."""
 import pytest
 import torch
 from torch import nn
 
-from bnlib import cost
+from bnlib.lab import cost
 
 
 def test_bn_bytes_are_the_tensor_passes():
@@ -23,8 +23,10 @@ def test_bn_bytes_bad_input():
         cost.bn_bytes((2, 3), torch.float32, "sideways")
     with pytest.raises(TypeError, match="dtype"):
         cost.bn_bytes((2, 3), torch.int32)
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=r"shape: expected a sequence of non-negative ints, got \(2, -3\)"):
         cost.bn_bytes((2, -3))
+    with pytest.raises(TypeError, match="shape"):
+        cost.bn_bytes((2, 3.0))
 
 
 def test_median_time_counts_calls_and_orders_quartiles():
@@ -56,7 +58,7 @@ def test_interleaved_times_take_turns():
 def test_interleaved_times_bad_input():
     with pytest.raises(ValueError, match="fns"):
         cost.interleaved_times({})
-    with pytest.raises(ValueError, match="fns"):
+    with pytest.raises(TypeError, match="fns: expected a non-empty mapping"):
         cost.interleaved_times([lambda: None])
     with pytest.raises(TypeError, match=r"fns\['x'\]"):
         cost.interleaved_times({"x": 3})
@@ -71,12 +73,14 @@ def test_bandwidth_helpers():
     assert bw > 1e6  # more than a megabyte per second, on any machine
     assert cost.achieved_bandwidth(100.0, 2.0) == 50.0
     assert cost.roofline_time(100.0, 50.0) == 2.0
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"seconds: expected a real number in \(0, inf\), got 0.0"):
         cost.achieved_bandwidth(1.0, 0.0)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="bandwidth"):
         cost.roofline_time(1.0, -1.0)
-    with pytest.raises(ValueError, match="nbytes"):
+    with pytest.raises(ValueError, match="nbytes: expected an int >= 1024, got 10"):
         cost.copy_bandwidth(10)
+    with pytest.raises(TypeError, match="nbytes"):
+        cost.copy_bandwidth(2048.0)
 
 
 @pytest.mark.parametrize("impl", ["torch", "bnlib"])
@@ -127,5 +131,7 @@ def test_sync_bn_communication_bytes():
     assert c == {"forward": 3 * 64 * 8, "backward": 2 * 64 * 4, "total": 3 * 64 * 8 + 2 * 64 * 4}
     assert cost.sync_bn_communication_bytes(64, 1)["total"] == 0
     assert cost.sync_bn_communication_bytes(10, 4, torch.float64)["backward"] == round(2 * 3 / 4 * 2 * 10 * 8)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="num_features"):
         cost.sync_bn_communication_bytes(0, 2)
+    with pytest.raises(TypeError, match="world_size"):
+        cost.sync_bn_communication_bytes(64, 2.0)

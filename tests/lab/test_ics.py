@@ -1,4 +1,4 @@
-"""Tests for bnlib.ics: activation hooks, the ICS measure, noisy batch norm, landscape probes, scale invariance."""
+"""Tests for bnlib.lab.ics: activation hooks, the ICS measure, noisy batch norm, landscape probes, scale invariance."""
 import copy
 import math
 
@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
 import bnlib.torch as bt
+from bnlib.lab import ics, models
 from tests._numerics import assert_error_within
-from bnlib import ics, models
 
 
 def _batch(n=32, d=20, classes=4, seed=0):
@@ -388,7 +389,7 @@ def test_effective_lr_and_angle_helpers():
 
 
 def test_microscope_records_and_does_not_change_training():
-    from bnlib import experiments as ex
+    from bnlib.lab import train as ex
 
     x, y = _batch(n=120, seed=3)
 
@@ -441,7 +442,7 @@ def test_rolling_median():
 
 
 def test_steps_to_sustained_accuracy_ignores_a_lucky_evaluation():
-    from bnlib.experiments import History, steps_to_accuracy
+    from bnlib.lab.train import History, steps_to_accuracy
 
     h = History(eval_steps=list(range(0, 101, 10)),
                 eval_acc=[0.1, 0.5, 0.95, 0.6, 0.8, 0.9, 0.92, 0.91, 0.93, 0.95, 0.96])

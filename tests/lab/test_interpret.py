@@ -1,11 +1,11 @@
-"""Tests of bnlib.interpret: folded first-layer weights and feature attributions."""
+"""Tests of bnlib.lab.interpret: folded first-layer weights and feature attributions."""
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import bnlib.torch as bt
-from bnlib import interpret as I
+from bnlib.lab import interpret as I
 
 
 def _bn_mlp(seed=0):
@@ -78,7 +78,8 @@ def test_integrated_gradients_completeness():
     # for a linear model IG with a zero baseline is exactly gradient x input
     lin = nn.Linear(5, 2)
     xl = torch.randn(3, 5)
-    torch.testing.assert_close(I.integrated_gradients(lin, xl, target=0, steps=3), I.gradient_x_input(lin, xl, target=0))
+    torch.testing.assert_close(I.integrated_gradients(lin, xl, target=0, steps=3),
+                               I.gradient_x_input(lin, xl, target=0))
     with pytest.raises(ValueError, match="steps"):
         I.integrated_gradients(lin, xl, steps=0)
 
@@ -113,8 +114,12 @@ def test_attribution_similarity():
     assert I.attribution_similarity(a, b, method="topk", k=3).max() == 0
     with pytest.raises(ValueError, match="method"):
         I.attribution_similarity(a, a, method="cosine")
-    with pytest.raises(ValueError, match="k"):
+    with pytest.raises(ValueError, match="k: expected an int in"):
         I.attribution_similarity(a, a, method="topk")
+    with pytest.raises(ValueError, match=r"k: expected an int in \[1, 10\], got 11"):
+        I.attribution_similarity(a, a, method="topk", k=11)
+    with pytest.raises(TypeError, match="k: "):
+        I.attribution_similarity(a, a, method="topk", k=2.0)
     with pytest.raises(ValueError, match="same shape"):
         I.attribution_similarity(a, a[:, :3])
 

@@ -1,13 +1,14 @@
-"""bnlib.models: the pluggable-normalization MLP and CNN used by the chapters."""
+"""bnlib.lab.models: the pluggable-normalization MLP and CNN used by the chapters."""
 import pytest
 import torch
 from torch import nn
 
 import bnlib.torch as bt
-from bnlib import models
+from bnlib import methods
+from bnlib.lab import models
 
 
-@pytest.mark.parametrize("kind", models.NORMS)
+@pytest.mark.parametrize("kind", methods.names(dim=2))
 def test_small_cnn_every_norm_trains_a_step(kind):
     torch.manual_seed(0)
     model = models.small_cnn(kind, channels=(4, 8))

@@ -1,9 +1,9 @@
-"""bnlib.report: the output policy's helpers."""
+"""bnlib.lab.report: the output policy's helpers."""
 import numpy as np
 import pytest
 import torch
 
-from bnlib.report import eps_of, glue, rounding_bound, spread
+from bnlib.lab.report import eps_of, glue, rounding_bound, spread
 
 
 def test_rounding_bound_states_only_the_bound_and_asserts_it():

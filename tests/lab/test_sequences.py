@@ -1,9 +1,9 @@
-"""Tests of bnlib.sequences: per-time-step normalization, the RNN with variable lengths, data helpers."""
+"""Tests of bnlib.lab.sequences: per-time-step normalization, the RNN with variable lengths, data helpers."""
 import pytest
 import torch
 
 import bnlib.torch as bt
-from bnlib import sequences as S
+from bnlib.lab import sequences as S
 
 
 def test_time_step_norm_keeps_separate_statistics():
@@ -203,3 +203,50 @@ def test_train_sequence_models_float32_and_bad_input():
         S.train_sequence_models(models, x[:, :, :2], y, steps=1, batch_size=4)
     with pytest.raises(ValueError, match="batch_size"):
         S.train_sequence_models(models, x, y, steps=1, batch_size=33)
+
+
+def test_train_sequence_model_runs_on_the_shared_loop():
+    """The batches are bnlib.lab.train.run's (same seed, same indices); a callback can stop training."""
+    from bnlib.lab.train import StopTraining, run
+
+    x = torch.randn(30, 4, 3)
+    y = torch.randint(0, 2, (30,))
+    seen = []
+    run(30, lambda t, idx: seen.append(idx.clone()) or 0.0, steps=5, batch_size=8, seed=3)
+    batches = []
+
+    class Spy(S.NormRNN):
+        def forward(self, xb, lengths=None):
+            batches.append(xb)
+            return super().forward(xb, lengths)
+
+    torch.manual_seed(0)
+    S.train_sequence_model(Spy(input_size=3, hidden_size=4, num_classes=2, max_steps=4), x, y, steps=5,
+                           batch_size=8, seed=3)
+    assert all(torch.equal(b, x[i]) for b, i in zip(batches, seen)) and len(batches) == 5
+
+    def stop_after_2(step, model):
+        if step == 2:
+            raise StopTraining
+
+    model = S.NormRNN(input_size=3, hidden_size=4, num_classes=2, max_steps=4)
+    assert len(S.train_sequence_model(model, x, y, steps=5, batch_size=8, callback=stop_after_2)) == 1
+    with pytest.raises(ValueError, match="steps"):
+        S.train_sequence_model(model, x, y, steps=0, batch_size=8)
+    with pytest.raises(ValueError, match="y: expected 30 labels"):
+        S.train_sequence_model(model, x, y[:5], steps=1, batch_size=4)
+
+
+def test_argument_checks_share_exception_types():
+    """Bad types raise TypeError, bad values ValueError, naming the argument."""
+    with pytest.raises(TypeError, match="max_steps"):
+        S.TimeStepNorm(3, 2.0)
+    with pytest.raises(ValueError, match="hidden_size: expected a positive int, got 0"):
+        S.NormRNN(hidden_size=0)
+    layer = S.TimeStepNorm(3, max_steps=2)
+    with pytest.raises(TypeError, match="t: expected an int >= 0, got float"):
+        layer(torch.randn(4, 3), 1.0)
+    with pytest.raises(TypeError, match="min_batch"):
+        S.TimeStepNorm(3, 2, min_batch=2.5)
+    with pytest.raises(TypeError, match="blank_after"):
+        S.rows_as_sequence(torch.rand(2, 4, 4), blank_after=1.5)

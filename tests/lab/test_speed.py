@@ -1,4 +1,4 @@
-"""Tests for bnlib.speed, the experiment runners of chapter 4 (tiny synthetic data, a few seconds in all)."""
+"""Tests for bnlib.lab.speed, the experiment runners of chapter 4 (tiny synthetic data, a few seconds in all)."""
 import copy
 import math
 
@@ -8,8 +8,9 @@ import torch
 from torch import nn
 
 import bnlib.torch as bt
-from bnlib import speed as S
-from bnlib.experiments import History, evaluate, train
+from bnlib.lab import speed as S
+from bnlib.lab.packed import PackedNet, train_packed
+from bnlib.lab.train import History, evaluate, train
 
 
 def _digits(n=300, seed=0):
@@ -276,15 +277,18 @@ def test_explorer_widget_builds_and_runs(data):
 
 @pytest.mark.parametrize("norm,optimizer", [("none", "sgd"), ("bn", "sgd"), ("bn", "adam")])
 def test_packed_training_equals_separate_runs(data, norm, optimizer):
+    """Chapter 4's networks (the Figure 1 sigmoid MLP with SGD, the article's network with Adam) packed by
+    bnlib.lab.packed train as separately (tests/lab/test_packed.py tests the packing itself)."""
     xtr, ytr, xte, yte = data
     seeds = [0, 3]
     lr = 0.5 if optimizer == "sgd" else 1e-3
     make = (lambda s: S.sigmoid_mlp(norm, seed=s)) if optimizer == "sgd" else (lambda s: S.article_model(True, seed=s))
-    packed = S.PackedMLP([make(s) for s in seeds])
+    packed = PackedNet([make(s) for s in seeds])
     for j, s in enumerate(seeds):  # unpacking before training gives back the original networks
-        assert all(torch.equal(a, b) for a, b in zip(packed.unpack(j).state_dict().values(), make(s).state_dict().values()))
-    hists = S.train_packed(packed, xtr, ytr, seeds=seeds, steps=25, batch_size=30, lr=lr, optimizer=optimizer,
-                           x_eval=xte, y_eval=yte, eval_every=10)
+        assert all(torch.equal(a, b)
+                   for a, b in zip(packed.unpack(j).state_dict().values(), make(s).state_dict().values()))
+    hists = train_packed(packed, xtr, ytr, seeds=seeds, steps=25, batch_size=30, lr=lr, optimizer=optimizer,
+                         x_eval=xte, y_eval=yte, eval_every=10)
     for j, s in enumerate(seeds):
         model = make(s)
         ref = train(model, xtr, ytr, steps=25, batch_size=30, lr=lr, optimizer=optimizer, x_eval=xte, y_eval=yte,
@@ -297,31 +301,6 @@ def test_packed_training_equals_separate_runs(data, norm, optimizer):
         atol = 1e-4 if optimizer == "sgd" else 25 * lr
         for name, value in model.state_dict().items():
             assert torch.allclose(got[name].float(), value.float(), atol=atol), name
-
-
-def test_packed_validation_and_divergence(data):
-    xtr, ytr, xte, yte = data
-    with pytest.raises(ValueError, match="architecture"):
-        S.PackedMLP([S.sigmoid_mlp("bn"), S.sigmoid_mlp("none")])
-    with pytest.raises(ValueError, match="at least one"):
-        S.PackedMLP([])
-    with pytest.raises(TypeError, match="Conv2d"):
-        S.PackedMLP([nn.Sequential(nn.Conv2d(1, 2, 3))])
-    packed = S.PackedMLP([S.sigmoid_mlp(seed=0), S.sigmoid_mlp(seed=1)])
-    with pytest.raises(ValueError, match="leading dimension"):
-        packed(torch.rand(3, 5, 784))
-    with pytest.raises(ValueError, match="seeds"):
-        S.train_packed(packed, xtr, ytr, seeds=[0], steps=5, batch_size=30, lr=0.1)
-    with pytest.raises(ValueError, match="unpack|j"):
-        packed.unpack(2)
-    # one network blows up, the other goes on
-    bad, good = S.sigmoid_mlp("none", seed=0), S.sigmoid_mlp("none", seed=1)
-    with torch.no_grad():
-        bad[1].weight.fill_(float("nan"))
-    hists = S.train_packed(S.PackedMLP([bad, good]), xtr, ytr, seeds=[0, 1], steps=20, batch_size=30, lr=0.1,
-                           x_eval=xte, y_eval=yte, eval_every=10)
-    assert hists[0].diverged and len(hists[0].train_loss) == 1 and hists[0].eval_steps == [0]
-    assert not hists[1].diverged and len(hists[1].train_loss) == 20 and hists[1].eval_steps == [0, 10, 20]
 
 
 def test_lr_sweep_packed_equals_unpacked(data):
@@ -344,35 +323,10 @@ def test_regularization_sweep_records(data):
         S.regularization_sweep(xtr, ytr, xte, yte, configs={"x": True})
 
 
-@pytest.mark.parametrize("momentum", [0.0, 0.9])
-def test_packed_training_one_learning_rate_per_network(data, momentum):
-    xtr, ytr, xte, yte = data
-    scale = 1.0 if momentum == 0 else 0.1  # momentum 0.9 multiplies the step by up to 10
-    points = [(0.05 * scale, 0), (0.2 * scale, 0), (0.5 * scale, 3)]  # (lr, seed): two rates for one seed, a third
-    packed = S.PackedMLP([S.sigmoid_mlp("bn", seed=s) for _, s in points])
-    hists = S.train_packed(packed, xtr, ytr, seeds=[s for _, s in points], steps=25, batch_size=30,
-                           lr=[lr for lr, _ in points], momentum=momentum, x_eval=xte, y_eval=yte, eval_every=10)
-    for j, (lr, s) in enumerate(points):
-        model = S.sigmoid_mlp("bn", seed=s)
-        ref = train(model, xtr, ytr, steps=25, batch_size=30, lr=lr, momentum=momentum, x_eval=xte, y_eval=yte,
-                    eval_every=10, seed=s)
-        assert np.allclose(hists[j].train_loss, ref.train_loss, atol=1e-4)
-        assert np.allclose(hists[j].eval_acc, ref.eval_acc, atol=0.011)
-        got = packed.unpack(j).state_dict()
-        for name, value in model.state_dict().items():
-            assert torch.allclose(got[name].float(), value.float(), atol=1e-4), (lr, name)
-    make = lambda: S.PackedMLP([S.sigmoid_mlp(seed=0), S.sigmoid_mlp(seed=1)])  # noqa: E731
-    for bad in ([0.1], [0.1, 0.0], [0.1, float("nan")], "fast"):
-        with pytest.raises(ValueError, match="lr"):
-            S.train_packed(make(), xtr, ytr, seeds=[0, 1], steps=2, batch_size=30, lr=bad)
-    with pytest.raises(ValueError, match="sgd"):
-        S.train_packed(make(), xtr, ytr, seeds=[0, 1], steps=2, batch_size=30, lr=[1e-3, 1e-2], optimizer="adam")
-
-
 def test_packed_callback_and_probe_of_one_network(data):
     xtr, ytr, xte, _ = data
     seeds = [2, 5]
-    packed = S.PackedMLP([S.sigmoid_mlp("bn", seed=s) for s in seeds])
+    packed = PackedNet([S.sigmoid_mlp("bn", seed=s) for s in seeds])
     probe = S.SigmoidInputProbe(xte, unit=1, every=10, network=1)
     probe.record(0, packed)
     calls = []
@@ -381,8 +335,8 @@ def test_packed_callback_and_probe_of_one_network(data):
         calls.append((step, tuple(xb.shape), tuple(yb.shape)))
         probe(step, model, xb, yb)
 
-    S.train_packed(packed, xtr, ytr, seeds=seeds, steps=20, batch_size=30, lr=0.5, callback=callback)
-    assert calls[0] == (1, (2, 30, 784), (2, 30)) and [c[0] for c in calls] == list(range(1, 21))
+    train_packed(packed, xtr, ytr, seeds=seeds, steps=20, batch_size=30, lr=0.5, callback=callback)
+    assert calls[0] == (1, (30, 2, 784), (30, 2)) and [c[0] for c in calls] == list(range(1, 21))
     # the same network trained alone, probed at the same steps
     alone = S.SigmoidInputProbe(xte, unit=1, every=10)
     model = S.sigmoid_mlp("bn", seed=5)
@@ -393,7 +347,7 @@ def test_packed_callback_and_probe_of_one_network(data):
     with pytest.raises(ValueError, match="network"):
         S.SigmoidInputProbe(xte, network=-1)
     with pytest.raises(TypeError, match="callback"):
-        S.train_packed(packed, xtr, ytr, seeds=seeds, steps=2, batch_size=30, lr=0.5, callback="probe")
+        train_packed(packed, xtr, ytr, seeds=seeds, steps=2, batch_size=30, lr=0.5, callback="probe")
 
 
 def test_run_article_experiments_equal_single_runs(data):

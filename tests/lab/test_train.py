@@ -1,4 +1,4 @@
-"""Tests for the shared training loop and the sweep/spread/plotting helpers (bnlib.experiments, bnlib.plotting)."""
+"""Tests for the shared training loop and the sweep/spread/plotting helpers (bnlib.lab.train, bnlib.lab.plotting)."""
 import math
 
 import matplotlib
@@ -9,9 +9,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from bnlib import experiments as E  # noqa: E402
-from bnlib import plotting  # noqa: E402
-from bnlib.models import mlp  # noqa: E402
+from bnlib.lab import plotting  # noqa: E402
+from bnlib.lab import train as E  # noqa: E402
+from bnlib.lab.models import mlp  # noqa: E402
 
 
 def _blobs(n=240, d=20, classes=3, seed=0):
@@ -107,14 +107,55 @@ def test_plot_curves_labels_bands_and_method_colours():
     plt.close(fig)
 
 
-@pytest.mark.parametrize("kwargs,name", [(dict(steps=0), "steps"), (dict(steps=2.0), "steps"),
-                                         (dict(batch_size=0), "batch_size"), (dict(batch_size=11), "batch_size"),
-                                         (dict(n_labels=9), "y_train")])
-def test_check_training_run_names_the_argument(kwargs, name):
+@pytest.mark.parametrize("kwargs,name,error", [(dict(steps=0), "steps", ValueError),
+                                               (dict(steps=2.0), "steps", TypeError),
+                                               (dict(batch_size=0), "batch_size", ValueError),
+                                               (dict(batch_size=11), "batch_size", ValueError),
+                                               (dict(n_labels=9), "y_train", ValueError)])
+def test_check_training_run_names_the_argument(kwargs, name, error):
+    """A wrong type raises TypeError, a wrong value ValueError; both name the argument."""
     from bnlib import _checks
 
     args = dict(n_train=10, n_labels=10, steps=5, batch_size=4)
     _checks.check_training_run(**args)  # valid: no error
     args.update(kwargs)
-    with pytest.raises(ValueError, match=rf"^{name}: expected"):
+    with pytest.raises(error, match=rf"^{name}: expected"):
         _checks.check_training_run(**args)
+
+
+def test_run_sampler_gives_the_batches_and_stop_training_ends_the_run():
+    seen = []
+
+    def step(t, idx):
+        seen.append(idx.tolist())
+        if t == 3:
+            raise E.StopTraining
+        return 1.0
+
+    hist = E.run(10, step, steps=5, batch_size=2, sampler=lambda t: torch.tensor([t, t + 1]),
+                 evaluate_fn=lambda: (0.5, 0.25))
+    assert seen == [[1, 2], [2, 3], [3, 4]]
+    assert hist.train_loss == [1.0, 1.0] and hist.eval_steps == [0, 3]
+    with pytest.raises(TypeError, match="sampler"):
+        E.run(10, step, steps=1, batch_size=2, sampler=3)
+    with pytest.raises(ValueError, match="eval_every"):
+        E.run(10, step, steps=1, batch_size=2, eval_every=0)
+
+
+def test_train_clips_gradients_and_checks_its_hooks():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 4), torch.randint(0, 2, (32,))
+    norms = []
+
+    def record(step, model, xb, yb):
+        norms.append(torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item())
+
+    E.train(torch.nn.Linear(4, 2), x * 100, y, steps=5, batch_size=8, lr=1e-3, clip_grad_norm=0.5,
+            callback=record)
+    assert max(norms) <= 0.5 + 1e-5
+    with pytest.raises(TypeError, match="before_step"):
+        E.train(torch.nn.Linear(4, 2), x, y, steps=1, batch_size=8, lr=0.1, before_step="no")
+    with pytest.raises(ValueError, match="clip_grad_norm"):
+        E.train(torch.nn.Linear(4, 2), x, y, steps=1, batch_size=8, lr=0.1, clip_grad_norm=-1.0)
+    with pytest.raises(TypeError, match="model"):
+        E.train("not a model", x, y, steps=1, batch_size=8, lr=0.1)

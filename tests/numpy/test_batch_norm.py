@@ -164,7 +164,7 @@ def test_keras_convention_matches_its_formula():
     C = 3
     mm, mv = rand(rng, C), rng.random(C) + 0.5
     gamma, beta = rand(rng, C), rand(rng, C)
-    for step in range(5):
+    for _step in range(5):
         x = rand(rng, (8, C, 4), 2.0, 1.0)
         mean, var = x.mean(axis=(0, 2)), x.var(axis=(0, 2))  # biased
         exp_y = gamma[:, None] * (x - mean[:, None]) / np.sqrt(var[:, None] + 1e-3) + beta[:, None]

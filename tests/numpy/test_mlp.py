@@ -4,7 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from bnlib.numpy.mlp import MLP, fit, softmax_cross_entropy
+from bnlib.lab.train import train as fit
+from bnlib.numpy.mlp import MLP, softmax_cross_entropy
 
 CONFIGS = [
     (bn, pos, act)
@@ -15,7 +16,7 @@ _TORCH_ACTS = {"sigmoid": nn.Sigmoid, "tanh": nn.Tanh, "relu": nn.ReLU, "identit
 
 
 def torch_twin(model: MLP) -> nn.Sequential:
-    """A plain torch.nn network with the layout of bnlib.models.mlp, loaded with the NumPy model's weights."""
+    """A plain torch.nn network with the layout of bnlib.lab.models.mlp, loaded with the NumPy model's weights."""
     dtype = torch.float64 if model.dtype == np.float64 else torch.float32
     layers = [nn.Flatten()]
     for fan_in, fan_out in zip(model.sizes[:-2], model.sizes[1:-1]):
@@ -113,8 +114,8 @@ def test_eval_mode_uses_running_statistics_like_torch():
 
 @pytest.mark.parametrize("bn,pos", [(False, "before"), (True, "before"), (True, "after")])
 def test_state_dict_loads_into_bnlib_models_mlp(bn, pos):
-    """to_torch_state_dict matches the layout of bnlib.models.mlp (with bnlib.torch's BatchNorm1d)."""
-    from bnlib import models
+    """to_torch_state_dict matches the layout of bnlib.lab.models.mlp (with bnlib.torch's BatchNorm1d)."""
+    from bnlib.lab import models
 
     model = MLP((20, 8, 7, 5), activation="tanh", batch_norm=bn, bn_position=pos, dtype=np.float64, seed=1)
     net = models.mlp(20, (8, 7), 5, activation="tanh", norm="bn" if bn else "none", norm_position=pos).double()
@@ -124,8 +125,8 @@ def test_state_dict_loads_into_bnlib_models_mlp(bn, pos):
 
 
 def test_fit_matches_torch_training_step_for_step():
-    """Same weights, same batches (fit draws them like bnlib.experiments.train), same SGD: same losses."""
-    from bnlib.experiments import train
+    """Same weights, same batches (fit draws them like bnlib.lab.train.train), same SGD: same losses."""
+    from bnlib.lab.train import train
 
     rng = np.random.default_rng(9)
     x = rng.standard_normal((200, 12)).astype(np.float32)

@@ -68,18 +68,19 @@ def test_module_error_leaves_running_stats_and_counter_untouched():
 
 def test_device_and_dtype_mismatch_errors_name_both():
     x = torch.randn(4, 3)
-    with pytest.raises(TypeError, match="weight has dtype float64 but input has dtype float32"):
+    with pytest.raises(TypeError, match=r"weight: expected dtype float32 \(input has dtype float32\), got float64"):
         BF.batch_norm(x, None, None, torch.ones(3, dtype=torch.float64), training=True)
     rm, rv = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
-    with pytest.raises(TypeError, match="running_mean has dtype float64 but input has dtype float32"):
+    with pytest.raises(TypeError,
+                       match=r"running_mean: expected dtype float32 \(input has dtype float32\), got float64"):
         BF.batch_norm(x, rm, rv, training=True)
     assert torch.equal(rm, torch.zeros(3, dtype=torch.float64))
     meta = torch.ones(3, device="meta")
-    with pytest.raises(ValueError, match="weight is on device meta but input is on device cpu"):
+    with pytest.raises(ValueError, match=r"weight: expected a tensor on input\'s device \(cpu\), got one on meta"):
         BF.batch_norm(x, None, None, meta, training=True)
-    with pytest.raises(TypeError, match="input must have a floating-point dtype"):
+    with pytest.raises(TypeError, match="input: expected a floating-point dtype"):
         BF.batch_norm(torch.ones(4, 3, dtype=torch.long), None, None, training=True)
-    with pytest.raises(TypeError, match="input must be a torch.Tensor"):
+    with pytest.raises(TypeError, match="input: expected a torch.Tensor"):
         BF.layer_norm(np.ones((2, 3)), 3)
 
 
@@ -98,7 +99,7 @@ def test_other_functions_share_numpy_messages():
 
 
 def test_backend_argument_checked():
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="backend: expected one of"):
         BF.batch_norm(torch.randn(4, 3), None, None, training=True, backend="cuda")
-    with pytest.raises(ValueError, match="backend must be one of"):
+    with pytest.raises(ValueError, match="backend: expected one of"):
         bt.BatchNorm1d(3, backend="nope")

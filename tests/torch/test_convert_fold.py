@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 import bnlib.torch as bt
-from tests._numerics import assert_error_within, assert_states_within
 from bnlib.torch.fold import Folded
+from tests._numerics import assert_error_within, assert_states_within
 
 
 class Block(nn.Module):
@@ -173,3 +173,18 @@ def test_fold_linear_guard_and_shared_layers():
         warnings.simplefilter("ignore")
         _, report = bt.fold_batchnorm(shared, return_report=True)
     assert "more than one place" in report.skipped[0][1]
+
+
+def test_convert_swaps_rms_norm_both_ways():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.RMSNorm(8), nn.Linear(8, 3))
+    with torch.no_grad():
+        model[1].weight.uniform_(0.5, 1.5)
+    x = torch.randn(5, 6)
+    ref = model(x)
+    bt.convert(model)
+    assert type(model[1]) is bt.RMSNorm
+    assert torch.allclose(model(x), ref, rtol=1e-5, atol=1e-6)
+    bt.convert(model, to="torch")
+    assert type(model[1]) is nn.RMSNorm
+    assert torch.allclose(model(x), ref, rtol=1e-5, atol=1e-6)

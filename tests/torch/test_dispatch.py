@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from bnlib.torch import _batch_norm
-from bnlib.torch import modules as bnlib_modules
 from bnlib.torch import functional as BF
+from bnlib.torch import modules as bnlib_modules
 
 
 def _stub(available=True):

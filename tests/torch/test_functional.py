@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch.autograd import gradcheck
 
-from tests._numerics import assert_error_within
 from bnlib.torch import functional as BF
+from tests._numerics import assert_error_within
 
 D64 = torch.float64
 ATOL64 = 1e-12  # float64 against torch: rounding is ~1e-15 (~1e-13 where 1/sqrt(eps) amplifies it)
@@ -327,7 +327,8 @@ def test_large_offset_is_stable_in_float32():
                                   lambda: torch.randn(3, 8, 4, dtype=D64)[:, :, ::2].transpose(0, 1)])
 def test_odd_strides_and_expanded_gradients(make):
     x = make()
-    fns = [(lambda t: BF.batch_norm(t, None, None, training=True), lambda t: F.batch_norm(t, None, None, training=True)),
+    fns = [(lambda t: BF.batch_norm(t, None, None, training=True),
+            lambda t: F.batch_norm(t, None, None, training=True)),
            (lambda t: BF.ghost_batch_norm(t, None, None, training=True, virtual_batch_size=4),
             lambda t: torch.cat([F.batch_norm(c, None, None, training=True) for c in t.split(4)])),
            (lambda t: BF.group_norm(t, 1), lambda t: F.group_norm(t, 1))]
@@ -340,3 +341,21 @@ def test_odd_strides_and_expanded_gradients(make):
             grads.append((y.detach(), xr.grad))
         torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-12, rtol=0)
         torch.testing.assert_close(grads[0][1], grads[1][1], atol=1e-10, rtol=0)
+
+
+def test_layer_norm_over_the_whole_input_has_parameter_gradients():
+    """normalized_shape covering every dim (no batch dims): dgamma and dbeta are per-element, as torch's."""
+    import bnlib.torch as bt
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    w = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    b = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    dy = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    grads = []
+    for fn in (bt.functional.layer_norm, torch.nn.functional.layer_norm):
+        xs, ws, bs = (t.clone().requires_grad_(True) for t in (x, w, b))
+        fn(xs, (2, 3), ws, bs, 1e-5).backward(dy)
+        grads.append((xs.grad, ws.grad, bs.grad))
+    for ours, theirs in zip(*grads):
+        assert torch.allclose(ours, theirs, rtol=1e-10, atol=1e-12)

@@ -2,7 +2,8 @@
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 import bnlib.numpy as bnp
 from bnlib.torch import functional as BF
@@ -49,7 +50,7 @@ def test_batch_norm_family(training, shape):
         cases.append(("batch_renorm", BF.batch_renorm, bnp.batch_renorm, {"r_max": 1.1, "d_max": 0.2},
                       lambda: bnp.batch_renorm_backward(dy.numpy(), x.numpy(), rm.numpy(), rv.numpy(), w.numpy(),
                                                         1e-5, 1.1, 0.2)))
-    for name, tfn, nfn, kw, nback in cases:
+    for _name, tfn, nfn, kw, nback in cases:
         rm_t, rv_t = rm.clone(), rv.clone()
         rm_n, rv_n = rm.numpy().copy(), rv.numpy().copy()
         y_t, dx_t, dw_t, db_t = _torch_grads(lambda xx, ww, bb: tfn(xx, rm_t, rv_t, ww, bb, training, 0.2, **kw),

@@ -11,8 +11,13 @@ from hypothesis import strategies as st
 from torch import nn
 
 from bnlib.torch import BatchNorm1d, BatchNorm2d, GhostBatchNorm2d
-from bnlib.torch.sync_batchnorm import (SyncBatchNorm, convert_sync_batchnorm, local_moments, merge_moments,
-                                        spawn_comparison)
+from bnlib.torch.sync_batchnorm import (
+    SyncBatchNorm,
+    convert_sync_batchnorm,
+    local_moments,
+    merge_moments,
+    spawn_comparison,
+)
 
 
 @settings(max_examples=25, deadline=None)

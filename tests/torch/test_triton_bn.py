@@ -1,11 +1,13 @@
-"""The Triton batch-norm kernels (bnlib.torch.triton_bn) against torch.nn.functional.batch_norm + autograd.
+"""The Triton batch-norm kernels (bnlib.torch.triton, through its facade bnlib.torch.triton_bn) against
+torch.nn.functional.batch_norm + autograd.
 
 Without a GPU the kernels run in Triton's CPU interpreter. ``TRITON_INTERPRET=1`` must be in the environment
-when ``bnlib.torch.triton_bn`` is *imported* (``triton.jit`` decides then between compiling and
-interpreting), so this module sets it before importing, and re-imports ``triton_bn`` if another test imported
-it earlier without the variable. With a GPU the same tests run the compiled kernels on CUDA tensors.
-Shapes are tiny (the interpreter runs each program in Python); the split path is forced on them by
-shrinking the tile thresholds. A subprocess compiles every kernel for sm_90 ahead of time (no GPU needed).
+when the kernels (``bnlib.torch.triton.kernels``) are *imported* (``triton.jit`` decides then between
+compiling and interpreting), so this module sets it before importing, and re-imports the package and
+``triton_bn`` if another test imported them earlier without the variable. With a GPU the same tests run the
+compiled kernels on CUDA tensors. Shapes are tiny (the interpreter runs each program in Python); the split
+path is forced on them by shrinking the tile thresholds (in ``bnlib.torch.triton.launch``, where the planning
+reads them). A subprocess compiles every kernel for sm_90 ahead of time (no GPU needed).
 """
 import importlib
 import os
@@ -23,9 +25,13 @@ if not CUDA:
 
 pytest.importorskip("triton")
 from bnlib.torch import triton_bn as tb  # noqa: E402
+from bnlib.torch.triton import aot, kernels, launch  # noqa: E402
 
 if not CUDA and not tb.is_interpreted() and os.environ.get("TRITON_INTERPRET") == "1":
-    tb = importlib.reload(tb)  # imported earlier without TRITON_INTERPRET: decorate the kernels again
+    # imported earlier without TRITON_INTERPRET: decorate the kernels again, then rebind the modules that
+    # import names from them (in dependency order: launch, aot, the package, the facade)
+    for _mod in (kernels, launch, aot, sys.modules["bnlib.torch.triton"], tb):
+        importlib.reload(_mod)
 if not CUDA and not tb.is_interpreted():
     pytest.skip("no GPU and TRITON_INTERPRET is not '1': the Triton kernels cannot run here",
                 allow_module_level=True)
@@ -37,9 +43,9 @@ DEVICE = torch.device("cuda" if CUDA else "cpu")
 def split_path(monkeypatch):
     """Force the multi-kernel (split) path on tiny shapes, with several tiles per program and several
     programs per channel, so the Chan merges inside a program and across programs both run."""
-    monkeypatch.setattr(tb, "FUSED_MAX_TILE", 0)
-    monkeypatch.setattr(tb, "SPLIT_TILE", 32)
-    monkeypatch.setattr(tb, "TARGET_PROGRAMS", 10)
+    monkeypatch.setattr(launch, "FUSED_MAX_TILE", 0)
+    monkeypatch.setattr(launch, "SPLIT_TILE", 32)
+    monkeypatch.setattr(launch, "TARGET_PROGRAMS", 10)
 
 
 def _data(shape, dtype=torch.float32, channels_last=False, seed=0, loc=3.0, scale=2.0):
@@ -178,17 +184,17 @@ def test_bad_input_raises_before_running_stats_change():
         tb.batch_norm_forward(x, w, b, rm, rv, True, 0.1, 1e-5)
     assert torch.equal(rm, rm0)
     x, dy, w, b, rm, rv = _data((2, 3, 2, 2))
-    with pytest.raises(ValueError, match="weight must have shape"):
+    with pytest.raises(ValueError, match="weight: expected shape"):
         tb.batch_norm_forward(x, w[:2], b, rm, rv, True, 0.1, 1e-5)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         tb.batch_norm_forward(x.double(), w, b, rm, rv, True, 0.1, 1e-5)
     with pytest.raises(ValueError, match="both"):
         tb.batch_norm_forward(x, w, b, rm, None, True, 0.1, 1e-5)
-    with pytest.raises(ValueError, match="required when training=False"):
+    with pytest.raises(ValueError, match="expected both when training=False"):
         tb.batch_norm_forward(x, w, b, None, None, False, 0.1, 1e-5)
     with pytest.raises(ValueError, match="eps"):
         tb.batch_norm_forward(x, w, b, rm, rv, True, 0.1, -1.0)
-    with pytest.raises(ValueError, match="dy must have"):
+    with pytest.raises(ValueError, match="dy: expected"):
         tb.batch_norm_backward(dy[:1], x, w, rm, rv)
     assert torch.equal(rm, _data((2, 3, 2, 2))[4])
 

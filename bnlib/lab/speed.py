@@ -1,8 +1,8 @@
 r"""Experiment runners for chapter 4, "Does batch norm make training faster?".
 
 Each function here runs one kind of measurement the chapter reports, on top of the shared training loop
-:func:`bnlib.experiments.train` (so every curve in the chapter comes from the same loop) and the shared models
-of :mod:`bnlib.models` (so every normalization layer comes from :mod:`bnlib.torch`):
+:func:`bnlib.lab.train.train` (so every curve in the chapter comes from the same loop) and the shared models
+of :mod:`bnlib.lab.models` (so every normalization layer comes from :mod:`bnlib.torch`):
 
 =================================  ==========================================================================
 function                           what it measures
@@ -25,9 +25,11 @@ function                           what it measures
 :func:`regularization_sweep`       the generalization gap of the article's network with BN / dropout / both
 :func:`explorer_run`               the interactive explorer's experiment; :func:`explorer_widget` its UI;
                                    :func:`explorer_grid` the pre-computed grid of it (packed)
-:class:`PackedMLP`                 ``k`` copies of one MLP (e.g. ``k`` seeds) trained side by side in one pass;
-                                   :func:`train_packed` trains them exactly as ``k`` runs of ``train`` would
 =================================  ==========================================================================
+
+The seeds (and learning rates) of one setting train side by side as one network
+(:class:`bnlib.lab.packed.PackedNet`, :func:`bnlib.lab.packed.train_packed`): the same runs as separate calls
+of ``train``, up to float rounding, at a fraction of their cost.
 
 Every function that builds a model takes a ``seed`` and builds the model inside ``torch.random.fork_rng``, so
 results do not depend on (and do not change) the global random state.
@@ -37,23 +39,20 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import _checks
-from ._setup import derive_seed, generator
-from .experiments import History, evaluate, sweep, train
+from .._setup import derive_seed, generator
 from .models import make_norm, mlp
+from .packed import PackedNet, evaluate_packed, train_packed  # noqa: F401 (evaluate_packed: re-exported)
+from .train import History, evaluate, sweep, train
 
 __all__ = [
     "init_linear_",
-    "PackedMLP",
-    "evaluate_packed",
-    "train_packed",
     "sigmoid_mlp",
     "article_model",
     "ArticleResult",
@@ -150,249 +149,6 @@ def article_model(use_bn: bool, *, momentum: float = 0.01, eps: float = 1e-3, dr
 
 
 # --------------------------------------------------------------------------------------------------------
-# Packed training: k seeds of one MLP in one pass
-# --------------------------------------------------------------------------------------------------------
-
-class _PackedLinear(nn.Module):
-    """k Linear layers with the same shape: weight (k, out, in), bias (k, out); input (k, B, in)."""
-
-    def __init__(self, linears: Sequence[nn.Linear]):
-        super().__init__()
-        self.weight = nn.Parameter(torch.stack([lin.weight.detach() for lin in linears]).clone())
-        self.bias = None
-        if linears[0].bias is not None:
-            self.bias = nn.Parameter(torch.stack([lin.bias.detach() for lin in linears]).clone())
-
-    def forward(self, x):
-        if self.bias is None:
-            return torch.bmm(x, self.weight.transpose(1, 2))
-        return torch.baddbmm(self.bias.unsqueeze(1), x, self.weight.transpose(1, 2))
-
-
-class _PackedNorm(nn.Module):
-    """k copies of a BatchNorm1d(C) as one layer of the same class with k * C features: each feature keeps
-    its own batch statistics, so no statistic mixes two networks."""
-
-    def __init__(self, norms: Sequence[nn.Module]):
-        super().__init__()
-        first = norms[0]
-        self.k, self.C = len(norms), first.num_features
-        self.norm = type(first)(self.k * self.C, eps=first.eps, momentum=first.momentum)
-        with torch.no_grad():
-            for name in ("weight", "bias", "running_mean", "running_var"):
-                dst, parts = getattr(self.norm, name, None), [getattr(n, name, None) for n in norms]
-                if dst is not None and all(p is not None for p in parts):
-                    dst.copy_(torch.cat([p.detach() for p in parts]))
-        self.norm.to(first.weight.device if getattr(first, "weight", None) is not None else "cpu")
-
-    def forward(self, x):  # (k, B, C) -> (B, k * C) -> BN -> (k, B, C)
-        k, B, C = x.shape
-        y = self.norm(x.transpose(0, 1).reshape(B, k * C))
-        return y.reshape(B, k, C).transpose(0, 1)
-
-
-def _is_batchnorm1d(m: nn.Module) -> bool:
-    return type(m).__name__ == "BatchNorm1d" and hasattr(m, "running_mean")
-
-
-class PackedMLP(nn.Module):
-    """``k`` MLPs of the same architecture (built by :func:`bnlib.models.mlp`, e.g. with different seeds)
-    trained side by side as one network.
-
-    Linear layers become batched matrix products, each ``BatchNorm1d(C)`` one layer of the same (bnlib)
-    class with ``k * C`` features, activations and dropout act elementwise. The forward pass takes
-    ``(k, B, ...)`` (network ``j`` sees its own batch ``x[j]``) and returns ``(k, B, classes)``. Because no
-    operation mixes the networks and SGD and Adam update every parameter elementwise, training the pack with
-    the *sum* of the ``k`` mean losses gives each network exactly its own gradient: the same run as ``k``
-    separate ones (up to float rounding), at little more than the cost of one on a CPU, where tiny layers
-    cost their per-call overhead. :meth:`unpack` returns network ``j`` as an ordinary ``nn.Sequential``.
-    """
-
-    _ELEMENTWISE = (nn.Sigmoid, nn.ReLU, nn.Tanh, nn.Dropout, nn.Identity)
-
-    def __init__(self, models: Sequence[nn.Sequential]):
-        super().__init__()
-        models = list(models)
-        if not models:
-            raise ValueError("models: expected at least one model")
-        shapes = [[(type(m).__name__, tuple(p.shape for p in m.parameters())) for m in model] for model in models]
-        if any(s != shapes[0] for s in shapes[1:]):
-            raise ValueError("models: expected models with the same architecture and parameter shapes")
-        self.k = len(models)
-        self._template = copy.deepcopy(models[0]).cpu()
-        layers = []
-        for mods in zip(*models):
-            first = mods[0]
-            if isinstance(first, nn.Flatten):
-                layers.append(nn.Flatten(start_dim=2))
-            elif isinstance(first, nn.Linear):
-                layers.append(_PackedLinear(mods))
-            elif _is_batchnorm1d(first):
-                layers.append(_PackedNorm(mods))
-            elif isinstance(first, self._ELEMENTWISE):
-                layers.append(copy.deepcopy(first))
-            else:
-                raise TypeError(f"models: cannot pack a {type(first).__name__} layer; expected Flatten, Linear, "
-                                "BatchNorm1d, Sigmoid, ReLU, Tanh or Dropout")
-        self.layers = nn.Sequential(*layers)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[0] != self.k:
-            raise ValueError(f"x: expected a leading dimension of {self.k} (one batch per network), "
-                             f"got shape {tuple(x.shape)}")
-        return self.layers(x)
-
-    @torch.no_grad()
-    def unpack(self, j: int) -> nn.Sequential:
-        """Network ``j`` as a plain ``nn.Sequential`` (a copy, on the pack's device)."""
-        if not 0 <= j < self.k:
-            raise ValueError(f"j: expected an index in [0, {self.k}), got {j!r}")
-        model = copy.deepcopy(self._template)
-        for dst, src in zip(model, self.layers):
-            if isinstance(dst, nn.Linear):
-                dst.weight.copy_(src.weight[j])
-                if dst.bias is not None:
-                    dst.bias.copy_(src.bias[j])
-            elif _is_batchnorm1d(dst):
-                sl = slice(j * src.C, (j + 1) * src.C)
-                for name in ("weight", "bias", "running_mean", "running_var"):
-                    if getattr(dst, name, None) is not None:
-                        getattr(dst, name).copy_(getattr(src.norm, name)[sl])
-                if getattr(dst, "num_batches_tracked", None) is not None:
-                    dst.num_batches_tracked.copy_(src.norm.num_batches_tracked)
-        model.train(self.training)
-        return model.to(next(self.parameters()).device)
-
-
-@torch.no_grad()
-def evaluate_packed(model: PackedMLP, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000):
-    """(losses, accuracies) of the ``k`` networks on the same data ``(x, y)``, each a list of ``k`` floats, in
-    eval mode (the model's mode is restored)."""
-    was_training = model.training
-    model.eval()
-    loss = torch.zeros(model.k, dtype=torch.float64)
-    correct = torch.zeros(model.k, dtype=torch.float64)
-    for i in range(0, len(x), batch_size):
-        xb, yb = x[i: i + batch_size], y[i: i + batch_size]
-        logits = model(xb.unsqueeze(0).expand(model.k, *xb.shape))  # (k, B, classes)
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.repeat(model.k), reduction="none")
-        loss += ce.view(model.k, -1).sum(1).double().cpu()
-        correct += (logits.argmax(-1) == yb).sum(1).double().cpu()
-    model.train(was_training)
-    return (loss / len(x)).tolist(), (correct / len(x)).tolist()
-
-
-def _per_network_lrs(lr, k: int, optimizer: str) -> Optional[torch.Tensor]:
-    """``None`` for one learning rate shared by the pack, else the ``k`` rates as a float64 tensor."""
-    if isinstance(lr, (int, float)) and not isinstance(lr, bool):
-        return None
-    try:
-        if isinstance(lr, (str, bytes)):
-            raise TypeError
-        lrs = [float(v) for v in lr]
-    except (TypeError, ValueError):
-        raise ValueError(f"lr: expected a positive number or a sequence of {k}, got {lr!r}") from None
-    if len(lrs) != k or not all(v > 0 and math.isfinite(v) for v in lrs):
-        raise ValueError(f"lr: expected {k} positive finite learning rates (one per network), got {lr!r}")
-    if optimizer != "sgd":
-        raise ValueError(f"lr: one learning rate per network needs optimizer='sgd', got {optimizer!r}")
-    return torch.tensor(lrs, dtype=torch.float64)
-
-
-def train_packed(model: PackedMLP, x_train, y_train, *, seeds: Sequence[int], steps: int, batch_size: int,
-                 lr, optimizer: str = "sgd", momentum: float = 0.0, x_eval=None, y_eval=None,
-                 eval_every: int = 100, target: Optional[float] = None,
-                 callback: Optional[Callable] = None) -> List[History]:
-    """Train the ``k`` networks of ``model`` as :func:`bnlib.experiments.train` would train each one with
-    ``seed=seeds[j]`` (the same mini-batches, the same optimizer), in one pass per step.
-
-    ``lr``: one learning rate for every network, or (SGD only) a sequence of ``k``, network ``j`` training with
-    ``lr[j]``. SGD's update (with or without momentum) is linear in the gradient, so the pack is trained with
-    rate 1 on the sum of ``lr[j]`` times network ``j``'s mean loss: the same update, up to float rounding.
-
-    Returns one :class:`~bnlib.experiments.History` per network. With ``target`` (an accuracy on ``x_eval``),
-    training stops at the first evaluation at which every network has reached it (a network's history then
-    runs on past its own first hit; use :func:`bnlib.experiments.steps_to_accuracy`). A network whose loss
-    becomes non-finite is marked ``diverged`` and its history stops there; the others go on.
-    ``callback(step, model, xb, yb)`` is called after each optimizer step, as in
-    :func:`~bnlib.experiments.train` (here with the pack and its ``(k, B, ...)`` batch).
-    """
-    from .experiments import make_optimizer
-
-    seeds = list(seeds)
-    if len(seeds) != model.k:
-        raise ValueError(f"seeds: expected {model.k} seeds (one per network), got {len(seeds)}")
-    if callback is not None and not callable(callback):
-        raise TypeError(f"callback: expected a callable, got {type(callback).__name__}")
-    lr_scale = _per_network_lrs(lr, model.k, optimizer)
-    n = len(x_train)
-    _checks.check_training_run(n, len(y_train), steps, batch_size)
-    if (x_eval is None) != (y_eval is None):
-        raise ValueError("x_eval, y_eval: give both or neither")
-    if target is not None and (x_eval is None or not 0.0 < target <= 1.0):
-        raise ValueError(f"target: expected an accuracy in (0, 1] and evaluation data, got {target!r}")
-    opt = make_optimizer(model, optimizer, 1.0 if lr_scale is not None else lr, momentum)
-    if lr_scale is not None:
-        lr_scale = lr_scale.to(device=x_train.device, dtype=next(model.parameters()).dtype)
-    gens = [generator(s) for s in seeds]
-    hists = [History() for _ in seeds]
-    k, device = model.k, x_train.device
-    alive = torch.ones(k, dtype=torch.bool)
-    reached = [False] * k
-
-    def _eval(step):
-        if x_eval is None:
-            return
-        losses, accs = evaluate_packed(model, x_eval, y_eval)
-        for j in range(k):
-            if alive[j]:
-                hists[j].eval_steps.append(step)
-                hists[j].eval_loss.append(losses[j])
-                hists[j].eval_acc.append(accs[j])
-                reached[j] = reached[j] or (target is not None and accs[j] >= target)
-
-    model.train()
-    _eval(0)
-    if target is not None and all(reached):
-        return hists
-    orders, pos = [torch.randperm(n, generator=g) for g in gens], 0
-    step_losses = []
-    for step in range(1, steps + 1):
-        if pos + batch_size > n:
-            orders, pos = [torch.randperm(n, generator=g) for g in gens], 0
-        idx = torch.stack([o[pos: pos + batch_size] for o in orders]).to(device)  # (k, B)
-        pos += batch_size
-        xb, yb = x_train[idx], y_train[idx]
-        logits = model(xb)  # (k, B, classes)
-        per = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), yb.reshape(-1), reduction="none")
-        per = per.view(k, batch_size).mean(1)
-        opt.zero_grad(set_to_none=True)
-        (per.sum() if lr_scale is None else (per * lr_scale).sum()).backward()
-        opt.step()
-        if callback is not None:
-            callback(step, model, xb, yb)
-        values = per.detach().cpu()
-        step_losses.append(values)
-        bad = ~torch.isfinite(values) & alive
-        for j in torch.nonzero(bad).flatten().tolist():
-            hists[j].diverged = True
-        alive &= ~bad
-        if not alive.any():
-            break
-        if step % eval_every == 0 or step == steps:
-            _eval(step)
-            if target is not None and all(reached[j] or not alive[j] for j in range(k)):
-                break
-    losses = torch.stack(step_losses).numpy() if step_losses else np.zeros((0, k))
-    for j, h in enumerate(hists):
-        col = losses[:, j].tolist()
-        if h.diverged:
-            col = col[: int(np.argmax(~np.isfinite(losses[:, j]))) + 1]
-        h.train_loss = col
-    return hists
-
-
-# --------------------------------------------------------------------------------------------------------
 # Section 1: the article's experiment
 # --------------------------------------------------------------------------------------------------------
 
@@ -403,7 +159,7 @@ class ArticleResult:
     loss: list  # mean training loss over the epoch's mini-batches (BN in training mode)
     val_loss: list  # validation loss at the end of the epoch (BN in inference mode)
     val_accuracy: list
-    history: History  # the step-level record from bnlib.experiments.train
+    history: History  # the step-level record from bnlib.lab.train.train
 
 
 def validation_split(x: torch.Tensor, y: torch.Tensor, fraction: float = 0.2):
@@ -454,7 +210,7 @@ def run_article_experiments(x_train: torch.Tensor, y_train: torch.Tensor, *, use
                             lr: float = 1e-3, validation: float = 0.2, momentum: float = 0.01,
                             eps: float = 1e-3) -> List[ArticleResult]:
     """:func:`run_article_experiment` for each of ``seeds`` (initial weights and batch order), the seeds
-    trained side by side as one :class:`PackedMLP`: one :class:`ArticleResult` per seed, the same runs (up to
+    trained side by side as one :class:`PackedNet`: one :class:`ArticleResult` per seed, the same runs (up to
     float rounding) as separate calls, at a fraction of their cost."""
     if not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs: expected a positive int, got {epochs!r}")
@@ -466,7 +222,7 @@ def run_article_experiments(x_train: torch.Tensor, y_train: torch.Tensor, *, use
     if steps_per_epoch < 1:
         raise ValueError(f"batch_size: {batch_size} is larger than the {len(x_fit)} training samples")
     models = [article_model(use_bn, momentum=momentum, eps=eps, seed=s, device=x_train.device) for s in seeds]
-    hists = train_packed(PackedMLP(models), x_fit, y_fit, seeds=seeds, steps=epochs * steps_per_epoch,
+    hists = train_packed(PackedNet(models), x_fit, y_fit, seeds=seeds, steps=epochs * steps_per_epoch,
                          batch_size=batch_size, lr=lr, optimizer="adam", x_eval=x_val, y_eval=y_val,
                          eval_every=steps_per_epoch)
     return [_article_result(h, epochs, steps_per_epoch) for h in hists]
@@ -477,18 +233,21 @@ def run_article_experiments(x_train: torch.Tensor, y_train: torch.Tensor, *, use
 # --------------------------------------------------------------------------------------------------------
 
 class SigmoidInputProbe:
-    """A ``callback`` for :func:`bnlib.experiments.train`: percentiles of one sigmoid's input over training.
+    """A ``callback`` for :func:`bnlib.lab.train.train`: percentiles of one sigmoid's input over training.
 
-    Every ``every`` steps (and once by :meth:`record` at step 0, if called) the probe runs a copy of the model
-    on the fixed images ``x_probe`` in training mode (so a BN layer normalizes with the statistics of that
-    probe batch, as it does during training, and the model's running statistics are left alone) and records
-    the ``q`` percentiles of the input to unit ``unit`` of the ``layer``-th ``nn.Sigmoid`` (-1: the last
-    hidden layer). Given a :class:`PackedMLP` (as the ``callback`` of :func:`train_packed`), it probes the pack's
-    network ``network``.
+    Every ``every`` steps (and once by :meth:`record` at step 0, if called) the probe runs the model on the
+    fixed images ``x_probe`` in training mode with dropout off (so a BN layer normalizes with the statistics of
+    that probe batch, as it does during training; the model's running statistics are restored afterwards) and
+    records the ``q`` percentiles of the input to unit ``unit`` of the ``layer``-th ``nn.Sigmoid`` (-1: the
+    last hidden layer). Given a :class:`bnlib.lab.packed.PackedNet` (as the ``callback`` of
+    :func:`train_packed`), it probes the pack's network ``network``. A thin use of
+    :class:`bnlib.lab.probes.ActivationProbe`.
     """
 
     def __init__(self, x_probe: torch.Tensor, *, unit: int = 0, layer: int = -1, every: int = 50,
                  q: Sequence[float] = (15, 50, 85), network: int = 0):
+        from .probes import percentiles
+
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every: expected a positive int, got {every!r}")
         if len(x_probe) < 2:
@@ -497,31 +256,21 @@ class SigmoidInputProbe:
             raise ValueError(f"network: expected a non-negative int, got {network!r}")
         self.x_probe, self.unit, self.layer, self.every, self.network = x_probe, unit, layer, every, network
         self.q = torch.tensor([float(v) / 100.0 for v in q])
+        self._reduce = percentiles(q, unit=unit)
         self.steps: List[int] = []
         self.percentiles: List[np.ndarray] = []
 
-    @torch.no_grad()
     def record(self, step: int, model: nn.Module) -> None:
-        if isinstance(model, PackedMLP):
-            probe = model.unpack(self.network).train()  # unpack returns a copy
-        else:
-            probe = copy.deepcopy(model).train()
-        for m in probe.modules():
-            if isinstance(m, nn.Dropout):
-                m.eval()
-        sigmoids = [m for m in probe.modules() if isinstance(m, nn.Sigmoid)]
+        from .probes import ActivationProbe
+
+        net = model.unpack(self.network) if isinstance(model, PackedNet) else model  # unpack returns a copy
+        sigmoids = [m for m in net.modules() if isinstance(m, nn.Sigmoid)]
         if not sigmoids:
             raise ValueError("model: has no nn.Sigmoid to probe")
-        captured = {}
-        handle = sigmoids[self.layer].register_forward_pre_hook(
-            lambda mod, inp: captured.__setitem__("x", inp[0][:, self.unit].detach()))
-        try:
-            probe(self.x_probe)
-        finally:
-            handle.remove()
-        x = captured["x"].float().cpu()
+        probe = ActivationProbe(net, sigmoids[self.layer], what="input", reduce=self._reduce, mode="train")
+        probe.capture(self.x_probe)
         self.steps.append(int(step))
-        self.percentiles.append(torch.quantile(x, self.q).numpy())
+        self.percentiles.append(probe.last().numpy())
 
     def __call__(self, step, model, xb, yb) -> None:
         if step % self.every == 0:
@@ -559,7 +308,7 @@ class _TargetReached(Exception):
 def steps_to_target(model: nn.Module, x_train, y_train, x_eval, y_eval, *, target: float, max_steps: int,
                     lr: float, batch_size: int = 60, eval_every: int = 50, seed: int = 0,
                     optimizer: str = "sgd") -> TargetRun:
-    """Train ``model`` with :func:`bnlib.experiments.train` until its accuracy on ``(x_eval, y_eval)`` first
+    """Train ``model`` with :func:`bnlib.lab.train.train` until its accuracy on ``(x_eval, y_eval)`` first
     reaches ``target`` (checked every ``eval_every`` steps), or for ``max_steps`` steps.
 
     The run stops as soon as the target is reached, so fast runs are cheap. Returns a :class:`TargetRun`.
@@ -620,7 +369,7 @@ def lr_sweep(x_train, y_train, x_eval, y_eval, *, lrs: Sequence[float], norms: S
     every (norm, lr, seed). Each record is ``{'norm', 'lr', 'seed', 'result': TargetRun}``; the model's
     initial weights and its mini-batch order both come from ``seed``.
 
-    ``pack=True`` trains the seeds of one (norm, lr) together as a :class:`PackedMLP` (the same runs, about
+    ``pack=True`` trains the seeds of one (norm, lr) together as a :class:`PackedNet` (the same runs, about
     ``len(seeds)`` times cheaper on a CPU), until every seed has reached the target or ``max_steps``;
     ``pack=False`` runs :func:`steps_to_target` once per seed. The norms in ``pack_lrs`` train all their
     learning rates and seeds as one pack (one learning rate per network), until every network has reached the
@@ -635,7 +384,7 @@ def lr_sweep(x_train, y_train, x_eval, y_eval, *, lrs: Sequence[float], norms: S
     def packed(norm, rates):
         points = [(lr, s) for lr in rates for s in seeds]
         models = [sigmoid_mlp(norm, hidden=hidden, init=init, seed=s, device=x_train.device) for _, s in points]
-        hists = train_packed(PackedMLP(models), x_train, y_train, seeds=[s for _, s in points], steps=max_steps,
+        hists = train_packed(PackedNet(models), x_train, y_train, seeds=[s for _, s in points], steps=max_steps,
                              batch_size=batch_size, lr=rates[0] if len(rates) == 1 else [lr for lr, _ in points],
                              x_eval=x_eval, y_eval=y_eval, eval_every=eval_every, target=target)
         return {point: target_run(h, target, eval_every=eval_every) for point, h in zip(points, hists)}
@@ -690,9 +439,9 @@ def init_scale_sweep(x_train, y_train, x_eval, y_eval, *, scales: Sequence[float
                      lr: float = 0.5, batch_size: int = 60, hidden=(100, 100, 100),
                      progress: bool = True, **norm_kwargs) -> List[dict]:
     """Train the Figure 1 network from weights ~ N(0, scale^2) for ``steps`` SGD steps at every
-    (norm, scale, seed); each record's ``result`` is the :class:`~bnlib.experiments.History` (its
+    (norm, scale, seed); each record's ``result`` is the :class:`~bnlib.lab.train.History` (its
     ``final_acc`` is the accuracy on ``(x_eval, y_eval)`` at the end). All (scale, seed) networks of one
-    norm share the optimizer settings, so they are trained together as one :class:`PackedMLP`.
+    norm share the optimizer settings, so they are trained together as one :class:`PackedNet`.
     ``norm_kwargs`` (e.g. ``eps``) go to the normalization layers."""
     seeds, scales = list(seeds), list(scales)
     points = [(scale, s) for scale in scales for s in seeds]
@@ -701,7 +450,7 @@ def init_scale_sweep(x_train, y_train, x_eval, y_eval, *, scales: Sequence[float
         kw = norm_kwargs if norm != "none" else {}
         models = [sigmoid_mlp(norm, hidden=hidden, init=scale, seed=s, device=x_train.device, **kw)
                   for scale, s in points]
-        return train_packed(PackedMLP(models), x_train, y_train, seeds=[s for _, s in points], steps=steps,
+        return train_packed(PackedNet(models), x_train, y_train, seeds=[s for _, s in points], steps=steps,
                             batch_size=batch_size, lr=lr, x_eval=x_eval, y_eval=y_eval, eval_every=steps)
 
     groups = sweep(one, {"norm": list(norms)}, progress=progress, desc="initialization sweep")
@@ -728,7 +477,7 @@ def regularization_sweep(x_train, y_train, x_test, y_test, *, configs: Dict[str,
     """Train the article's network (:func:`article_model`) with Adam in each configuration
     ``name -> (use_bn, dropout)`` and seed, and measure its :func:`generalization_gap` on
     ``(x_train, y_train)`` vs ``(x_test, y_test)``. The seeds of a configuration are trained together as a
-    :class:`PackedMLP`. Records: ``{'config', 'seed', 'result': dict}``."""
+    :class:`PackedNet`. Records: ``{'config', 'seed', 'result': dict}``."""
     seeds = list(seeds)
     for name, cfg in configs.items():
         if not (isinstance(cfg, tuple) and len(cfg) == 2):
@@ -737,7 +486,7 @@ def regularization_sweep(x_train, y_train, x_test, y_test, *, configs: Dict[str,
     def one(config):
         use_bn, p = configs[config]
         models = [article_model(use_bn, dropout=p, seed=s, device=x_train.device) for s in seeds]
-        packed = PackedMLP(models)
+        packed = PackedNet(models)
         train_packed(packed, x_train, y_train, seeds=seeds, steps=steps, batch_size=batch_size, lr=lr,
                      optimizer="adam")
         return [generalization_gap(packed.unpack(j), x_train, y_train, x_test, y_test) for j in range(len(seeds))]
@@ -836,7 +585,7 @@ def depth_sweep(x_train, y_train, x_eval, y_eval, *, depths: Sequence[int],
                 steps: int = 300, lr: float = 0.02, momentum: float = 0.9, batch_size: int = 60, width: int = 64,
                 seeds: Sequence[int] = (0,), progress: bool = True) -> List[dict]:
     """Train :func:`deep_mlp` (He init, SGD with momentum) for ``steps`` steps at every (arm, depth, seed);
-    each record's ``result`` is the :class:`~bnlib.experiments.History`. ``arms`` are keys of
+    each record's ``result`` is the :class:`~bnlib.lab.train.History`. ``arms`` are keys of
     :data:`DEPTH_ARMS`."""
     for arm in arms:
         if arm not in DEPTH_ARMS:
@@ -875,8 +624,8 @@ def explorer_grid(x_train, y_train, x_eval, y_eval, *, depths: Sequence[int], lr
                   init_scale: float = 0.05, steps: int = 300, eval_every: int = 25,
                   progress: bool = True) -> List[dict]:
     """:func:`explorer_run` at every (depth, lr, bn, seed): records ``{'depth', 'lr', 'bn', 'seed', 'result'}``
-    (``result`` the :class:`~bnlib.experiments.History`), in that order. The networks of one (depth, bn) share
-    their architecture, so all their learning rates and seeds train side by side as one :class:`PackedMLP`
+    (``result`` the :class:`~bnlib.lab.train.History`), in that order. The networks of one (depth, bn) share
+    their architecture, so all their learning rates and seeds train side by side as one :class:`PackedNet`
     (one learning rate per network, :func:`train_packed`): the same runs as separate calls, up to float
     rounding."""
     lrs, seeds = [float(lr) for lr in lrs], list(seeds)
@@ -888,7 +637,7 @@ def explorer_grid(x_train, y_train, x_eval, y_eval, *, depths: Sequence[int], lr
     def one(depth, bn):
         models = [sigmoid_mlp("bn" if bn else "none", hidden=(100,) * depth, init=init_scale, seed=s,
                               device=x_train.device) for _, s in points]
-        return train_packed(PackedMLP(models), x_train, y_train, seeds=[s for _, s in points], steps=steps,
+        return train_packed(PackedNet(models), x_train, y_train, seeds=[s for _, s in points], steps=steps,
                             batch_size=batch_size, lr=[lr for lr, _ in points], x_eval=x_eval, y_eval=y_eval,
                             eval_every=eval_every)
 

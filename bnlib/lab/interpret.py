@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import _checks
+
 __all__ = [
     "raw_first_layer",
     "folded_first_layer",
@@ -65,7 +67,7 @@ def folded_first_layer(model: nn.Module):
     (eval-mode running statistics), via :func:`bnlib.torch.fold_batchnorm` on a copy in eval mode; ``model``
     is not changed. For a model without batch norm this is :func:`raw_first_layer`. Raises ``ValueError``
     when the batch norm after the first Linear could not be folded (the fold report says why)."""
-    from . import torch as bt
+    from .. import torch as bt
 
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -112,11 +114,14 @@ def _targets(model, x, target):
     return target
 
 
+#: Input dtypes the attributions accept (gradients need floating point).
+_FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
 def _check_x(x):
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+    _checks.check_float_dtype("x", x.dtype, _FLOAT_DTYPES)
 
 
 def input_gradients(model: nn.Module, x: torch.Tensor, target=None, *, train_mode: bool = False) -> torch.Tensor:
@@ -153,8 +158,7 @@ def integrated_gradients(model: nn.Module, x: torch.Tensor, target=None, *, base
     """Integrated gradients with a ``steps``-point midpoint rule along the straight line from ``baseline``
     (default: zeros, a blank image) to ``x``, in eval mode."""
     _check_x(x)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps: expected a positive int, got {steps!r}")
+    _checks.check_positive_int("steps", steps)
     x0 = torch.zeros_like(x) if baseline is None else torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
     if x0.shape != x.shape:
         x0 = x0.expand_as(x)
@@ -213,8 +217,9 @@ def attribution_similarity(a: torch.Tensor, b: torch.Tensor, *, method: str = "p
         a2, b2 = a2.abs(), b2.abs()
     if method == "topk":
         d = a2.shape[1]
-        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= d:
-            raise ValueError(f"k: expected an int in [1, {d}] for method='topk', got {k!r}")
+        if k is None:  # the default: required for 'topk'
+            raise ValueError(f"k: expected an int in [1, {d}] for method='topk', got None")
+        k = _checks.check_int("k", k, 1, d)  # (method='topk')
         ta = torch.zeros_like(a2, dtype=torch.bool).scatter_(1, a2.topk(k, 1).indices, True)
         tb = torch.zeros_like(b2, dtype=torch.bool).scatter_(1, b2.topk(k, 1).indices, True)
         return ((ta & tb).sum(1).to(torch.float64) / k).float()

@@ -28,6 +28,12 @@ Data helpers: :func:`rows_as_sequence` (MNIST images read row by row, optionally
 or after the digit) and :func:`train_sequence_model`. :func:`train_sequence_models` trains several networks of
 one configuration (different initial seeds) on the same batches as one batched model, which costs much less
 than training them one after the other (the cell's small matrix products are dominated by per-step overhead).
+Both train with :func:`bnlib.lab.train.run`, the book's one loop (its seeded batches, progress bar and stop at a
+non-finite loss); their steps add what :func:`bnlib.lab.train.train` does not do: sequence lengths and
+gradient-norm clipping.
+
+Arguments are checked with :mod:`bnlib._checks` (its one message shape, ``"<name>: expected <what>, got
+<value>"``: ``TypeError`` for a wrong type, ``ValueError`` for a wrong value).
 """
 from __future__ import annotations
 
@@ -38,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._setup import generator
+from .. import _checks
 
 __all__ = ["SEQ_NORMS", "TimeStepNorm", "NormRNN", "rows_as_sequence", "pad_rows", "train_sequence_model",
            "train_sequence_models", "sequence_accuracy"]
@@ -47,15 +53,9 @@ SEQ_NORMS = ("none", "bn", "bn_shared", "bln", "ln")
 
 
 def _bt():
-    from . import torch as bt
+    from .. import torch as bt
 
     return bt
-
-
-def _check_pos_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}: expected a positive int, got {value!r}")
-    return value
 
 
 class TimeStepNorm(nn.Module):
@@ -72,14 +72,13 @@ class TimeStepNorm(nn.Module):
     def __init__(self, num_features: int, max_steps: int, *, kind: str = "bn", beyond: str = "last",
                  min_batch: int = 2, **norm_kwargs) -> None:
         super().__init__()
-        _check_pos_int("num_features", num_features)
-        _check_pos_int("max_steps", max_steps)
+        _checks.check_positive_int("num_features", num_features)
+        _checks.check_positive_int("max_steps", max_steps)
         if kind not in ("bn", "bln"):
             raise ValueError(f"kind: expected 'bn' or 'bln', got {kind!r}")
         if beyond not in ("last", "error"):
             raise ValueError(f"beyond: expected 'last' or 'error', got {beyond!r}")
-        if isinstance(min_batch, bool) or not isinstance(min_batch, int) or min_batch < 2:
-            raise ValueError(f"min_batch: expected an int >= 2, got {min_batch!r}")
+        _checks.check_int("min_batch", min_batch, 2)
         if "affine" in norm_kwargs:
             raise ValueError("affine: TimeStepNorm has one shared affine; do not pass affine")
         bt = _bt()
@@ -92,8 +91,7 @@ class TimeStepNorm(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_features))
 
     def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
-        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-            raise ValueError(f"t: expected a non-negative int time step, got {t!r}")
+        _checks.check_int("t", t, 0)
         if t >= self.max_steps:
             if self.training:
                 raise ValueError(f"t: step {t} is beyond the {self.max_steps} steps this layer keeps statistics "
@@ -135,7 +133,7 @@ class NormRNN(nn.Module):
         super().__init__()
         for name, v in (("input_size", input_size), ("hidden_size", hidden_size), ("num_classes", num_classes),
                         ("max_steps", max_steps)):
-            _check_pos_int(name, v)
+            _checks.check_positive_int(name, v)
         if norm not in SEQ_NORMS:
             raise ValueError(f"norm: expected one of {SEQ_NORMS}, got {norm!r}")
         bt = _bt()
@@ -208,9 +206,8 @@ def rows_as_sequence(images: torch.Tensor, *, blank_before: int = 0, blank_after
         images = images[:, 0]
     if images.dim() != 3:
         raise ValueError(f"images: expected (N, H, W) or (N, 1, H, W), got shape {tuple(images.shape)}")
-    for name, v in (("blank_before", blank_before), ("blank_after", blank_after)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise ValueError(f"{name}: expected a non-negative int, got {v!r}")
+    _checks.check_int("blank_before", blank_before, 0)
+    _checks.check_int("blank_after", blank_after, 0)
     return F.pad(images, (0, 0, blank_before, blank_after))
 
 
@@ -235,55 +232,49 @@ def pad_rows(images: torch.Tensor, blank_before: torch.Tensor):
     return out, lengths.to(images.device)
 
 
-def _check_run(x, y, steps, batch_size) -> None:
-    """The arguments every sequence-model training run shares: step and batch counts, one label per sequence."""
-    _check_pos_int("steps", steps)
-    _check_pos_int("batch_size", batch_size)
-    if batch_size > len(x):
-        raise ValueError(f"batch_size: expected at most the {len(x)} training sequences, got {batch_size}")
+def _check_labels(x, y) -> None:
     if len(x) != len(y):
         raise ValueError(f"y: expected {len(x)} labels to match x, got {len(y)}")
 
 
+def _check_run(x, y, steps, batch_size) -> None:
+    """The arguments every sequence-model training run shares: one label per sequence, and
+    :func:`bnlib._checks.check_training_run`'s step and batch counts."""
+    _check_labels(x, y)
+    _checks.check_training_run(len(x), len(y), steps, batch_size)
+
+
 def train_sequence_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, steps: int, batch_size: int,
-                         lengths: Optional[torch.Tensor] = None, lr: float = 1e-2, seed: int = 0, clip: float = 1.0, progress: bool = False,
-                         desc: str = "train", callback: Optional[Callable] = None):
+                         lengths: Optional[torch.Tensor] = None, lr: float = 1e-2, seed: int = 0, clip: float = 1.0,
+                         progress: bool = False, desc: str = "train", callback: Optional[Callable] = None):
     """Adam on cross-entropy for ``steps`` mini-batches of ``(N, T, F)`` sequences (of ``lengths``, when
-    given: a variable-length data set, padded), with gradient-norm clipping at ``clip``; batches from a seeded
-    permutation, reshuffled each epoch. Returns the list of training losses."""
+    given: a variable-length data set, padded), with gradient-norm clipping at ``clip``; the batches are
+    :func:`bnlib.lab.train.run`'s (a permutation seeded by ``seed``, reshuffled each epoch). ``callback(step,
+    model)`` runs after each step and may raise :class:`bnlib.lab.train.StopTraining`. Returns the list of
+    training losses; training stops after a non-finite loss."""
+    from .train import run
+
     _check_run(x, y, steps, batch_size)
     if lengths is not None and len(lengths) != len(x):
         raise ValueError(f"lengths: expected {len(x)} lengths to match x, got {len(lengths)}")
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    gen = generator(seed)
-    order, pos, losses = torch.randperm(len(x), generator=gen), 0, []
-    model.train()
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc=desc, leave=False, mininterval=1.0)   # redraws are front-end messages
-    for step in range(1, steps + 1):
-        if pos + batch_size > len(x):
-            order, pos = torch.randperm(len(x), generator=gen), 0
-        idx = order[pos: pos + batch_size].to(x.device)
-        pos += batch_size
+    def step(t, idx):
+        idx = idx.to(x.device)
         loss = F.cross_entropy(model(x[idx], None if lengths is None else lengths[idx]), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if clip:
             nn.utils.clip_grad_norm_(model.parameters(), clip)
         opt.step()
-        losses.append(loss.item())
+        value = loss.item()
         if callback is not None:
-            callback(step, model)
-        if bar is not None:
-            bar.update(1)
-        if not math.isfinite(losses[-1]):
-            break
-    if bar is not None:
-        bar.close()
-    return losses
+            callback(t, model)
+        return value
+
+    model.train()
+    return run(len(x), step, steps=steps, batch_size=batch_size, seed=seed, progress=progress,
+               desc=desc).train_loss
 
 
 class _SeedEnsemble(nn.Module):
@@ -338,7 +329,7 @@ class _SeedEnsemble(nn.Module):
                 if len({(n.eps, n.batch_size) for m in models for n in m.norm.norms}) != 1 or n0.batch_size is None:
                     self.mode = "loop"
                 else:
-                    from .torch._batch_layer_norm import bln_weights
+                    from ..torch._batch_layer_norm import bln_weights
 
                     self.bln_alpha = bln_weights(n0.batch_size)
                     self.ln = bt.LayerNorm(self.H, eps=n0.eps, elementwise_affine=False)
@@ -446,6 +437,8 @@ def train_sequence_models(models, x: torch.Tensor, y: torch.Tensor, *, steps: in
     The networks are trained in place (parameters and running statistics) and left in training mode. Returns
     one list of training losses per network. Training stops for all of them when one loss is not finite.
     """
+    from .train import run
+
     models = list(models)
     if not models or not all(isinstance(m, NormRNN) for m in models):
         raise TypeError("models: expected a non-empty sequence of NormRNN")
@@ -470,36 +463,25 @@ def train_sequence_models(models, x: torch.Tensor, y: torch.Tensor, *, steps: in
     ens = _SeedEnsemble(models)
     fallbacks_before = ens.norm.fallbacks if ens.mode in ("bn", "bln") else 0
     opt = torch.optim.Adam([p for p in ens.parameters() if p.requires_grad], lr=lr)
-    gen = generator(seed)
-    order, pos = torch.randperm(len(x), generator=gen), 0
     losses = [[] for _ in models]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, desc=desc, leave=False, mininterval=1.0)   # redraws are front-end messages
+    def step(t, idx):
+        idx = idx.to(x.device)
+        logits = ens(x[idx], None if lengths is None else lengths[idx])
+        per_model = torch.stack([F.cross_entropy(out, y[idx]) for out in logits])
+        opt.zero_grad(set_to_none=True)
+        per_model.sum().backward()
+        if clip:
+            ens.clip_per_member(clip)
+        opt.step()
+        values = per_model.tolist()
+        for record, value in zip(losses, values):
+            record.append(value)
+        return sum(values)  # not finite as soon as one network's loss is not: run stops for all
+
     try:
-        for _ in range(steps):
-            if pos + batch_size > len(x):
-                order, pos = torch.randperm(len(x), generator=gen), 0
-            idx = order[pos: pos + batch_size].to(x.device)
-            pos += batch_size
-            logits = ens(x[idx], None if lengths is None else lengths[idx])
-            per_model = [F.cross_entropy(out, y[idx]) for out in logits]
-            opt.zero_grad(set_to_none=True)
-            torch.stack(per_model).sum().backward()
-            if clip:
-                ens.clip_per_member(clip)
-            opt.step()
-            for record, loss in zip(losses, per_model):
-                record.append(loss.item())
-            if bar is not None:
-                bar.update(1)
-            if not all(math.isfinite(r[-1]) for r in losses):
-                break
+        run(len(x), step, steps=steps, batch_size=batch_size, seed=seed, progress=progress, desc=desc)
     finally:
-        if bar is not None:
-            bar.close()
         ens.write_back(models, fallbacks_before)
     return losses
 
@@ -509,8 +491,7 @@ def sequence_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, length
                       batch_size: int = 500) -> float:
     """Eval-mode accuracy of ``model`` on ``(N, T, F)`` sequences (optionally with ``lengths``); the model's
     mode is restored afterwards."""
-    if len(x) != len(y):
-        raise ValueError(f"y: expected {len(x)} labels to match x, got {len(y)}")
+    _check_labels(x, y)
     was = model.training
     model.eval()
     correct = 0

@@ -5,11 +5,13 @@ statistics) and the noise of :class:`NoisyBatchNorm1d`/``2d`` are restored after
 (:func:`frozen_state`), so measuring during training changes nothing about the run.
 
 Activations
-    :class:`ActivationRecorder` (forward hooks), :func:`capture` (one forward pass, outputs of chosen modules as
-    ``(rows, units)`` matrices), :func:`pre_activation_modules` / :func:`weight_layers` (find them in a
-    ``Sequential``), :func:`wasserstein1` and :func:`relative_drift` (how far a unit's distribution moved).
+    :class:`ActivationRecorder` (a :class:`bnlib.lab.probes.ActivationProbe`), :func:`capture` (one forward
+    pass, outputs of chosen modules as ``(rows, units)`` matrices), :func:`pre_activation_modules` /
+    :func:`weight_layers` (find them in a ``Sequential``), :func:`wasserstein1` and :func:`relative_drift`
+    (how far a unit's distribution moved).
 Internal covariate shift (Santurkar et al. 2018)
-    :func:`deep_linear` (the deep linear network they also measured), :func:`ics`: for layer ``i``, ``||G - G'||_2`` and ``cos(G, G')``, where ``G`` is the gradient of the loss
+    :func:`deep_linear` (the deep linear network they also measured), :func:`ics`: for layer ``i``,
+    ``||G - G'||_2`` and ``cos(G, G')``, where ``G`` is the gradient of the loss
     w.r.t. layer ``i``'s weight and ``G'`` the same gradient after the layers before ``i`` took their SGD step.
 Noisy batch norm
     :class:`NoisyBatchNorm1d`, :class:`NoisyBatchNorm2d` (``bnlib.torch`` batch norm followed by a per-unit
@@ -20,7 +22,7 @@ Loss landscape
 Scale invariance
     :func:`scale_invariance`, :func:`effective_lr`, :func:`angular_update`, :func:`weight_norm`.
 Training callback
-    :class:`Microscope` (all of the above at chosen intervals, for :func:`bnlib.experiments.train`) and
+    :class:`Microscope` (all of the above at chosen intervals, for :func:`bnlib.lab.train.train`) and
     :func:`rolling_median` (to plot its noisy per-step series).
 Training speed
     :func:`steps_to_sustained_accuracy`: when the test accuracy, averaged over a window of steps, first reaches
@@ -32,15 +34,17 @@ import contextlib
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import torch as bt
-from ._setup import generator
+from .. import _checks
+from .. import torch as bt
+from .._setup import generator
+from .probes import ActivationProbe, rows
 
 __all__ = [
     "frozen_state", "ActivationRecorder", "capture", "pre_activation_modules", "weight_layers",
@@ -63,13 +67,6 @@ _WEIGHT_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def _check_module(name: str, value) -> None:
     if not isinstance(value, nn.Module):
         raise TypeError(f"{name}: expected a torch.nn.Module, got {type(value).__name__}")
-
-
-def _check_positive(name: str, value, allow_zero: bool = False) -> None:
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name}: expected a finite number {bound}, got {value!r}")
 
 
 @contextlib.contextmanager
@@ -105,17 +102,9 @@ def frozen_state(model: nn.Module):
 # Activations
 
 
-def _as_rows(t: Tensor) -> Tensor:
-    """(N, C) -> (N, C); (N, C, *spatial) -> (N * prod(spatial), C): one row per position, one column per unit."""
-    if t.dim() < 2:
-        raise ValueError(f"output: expected a tensor of shape (N, C, ...), got shape {tuple(t.shape)}")
-    if t.dim() == 2:
-        return t
-    return t.movedim(1, -1).reshape(-1, t.shape[1])
-
-
-class ActivationRecorder:
-    """Forward hooks that keep the latest output of each chosen module, as a ``(rows, units)`` matrix.
+class ActivationRecorder(ActivationProbe):
+    """Forward hooks that keep the latest output of each chosen module, as a ``(rows, units)`` matrix: an
+    :class:`bnlib.lab.probes.ActivationProbe` (``reduce='rows'``) that keeps only the latest record.
 
     >>> with ActivationRecorder({"layer1": model[2]}) as rec:
     ...     model(x)
@@ -137,25 +126,19 @@ class ActivationRecorder:
             raise ValueError("modules: expected at least one module to record")
         for name, m in items:
             _check_module(f"modules[{name!r}]", m)
-        self.modules: Dict[str, nn.Module] = dict(items)
-        self.outputs: Dict[str, Tensor] = {}
-        self._handles = []
+        super().__init__(None, dict(items), what="output", reduce=rows)
 
-    def _hook(self, name):
-        def hook(module, inputs, output):
-            self.outputs[name] = _as_rows(output.detach()).float().clone()
-        return hook
+    def _store(self, name, value):
+        self.records[name] = [value]  # only the latest output
+
+    @property
+    def outputs(self) -> Dict[str, Tensor]:
+        """name -> the latest output of that module (modules that have not run are left out)."""
+        return {name: values[-1] for name, values in self.records.items() if values}
 
     def __enter__(self):
-        self.outputs = {}
-        self._handles = [m.register_forward_hook(self._hook(n)) for n, m in self.modules.items()]
-        return self
-
-    def __exit__(self, *exc):
-        for h in self._handles:
-            h.remove()
-        self._handles = []
-        return False
+        self.clear()
+        return super().__enter__()
 
 
 def capture(model: nn.Module, x: Tensor, modules) -> Dict[str, Tensor]:
@@ -176,7 +159,7 @@ def pre_activation_modules(model: nn.Sequential) -> Dict[str, nn.Module]:
     For ``Linear -> BN -> sigmoid`` that is the BN (its output is the sigmoid's input); for
     ``Linear -> sigmoid`` it is the Linear."""
     if not isinstance(model, nn.Sequential):
-        raise TypeError(f"model: expected an nn.Sequential (bnlib.models.mlp / small_cnn), got "
+        raise TypeError(f"model: expected an nn.Sequential (bnlib.lab.models.mlp / small_cnn), got "
                         f"{type(model).__name__}")
     found = {}
     children = list(model)
@@ -295,7 +278,7 @@ def ics(model: nn.Module, closure: Callable[[], Tensor], lr: float,
     _check_module("model", model)
     if not callable(closure):
         raise TypeError("closure: expected a callable returning the loss")
-    _check_positive("lr", lr, allow_zero=True)
+    _checks.check_real("lr", lr, 0.0)
     layers = list(weight_layers(model) if layers is None else layers)
     groups = parameter_groups(model, layers)
     flat = [p for g in groups for p in g]
@@ -341,12 +324,12 @@ class _NoisyMixin:
     """
 
     def _init_noise(self, mean_noise: float, scale_noise: float, sample_noise: float, seed: int) -> None:
-        _check_positive("mean_noise", mean_noise, allow_zero=True)
-        _check_positive("scale_noise", scale_noise)
+        _checks.check_real("mean_noise", mean_noise, 0.0)
+        _checks.check_real("scale_noise", scale_noise, 0.0, open_low=True)
         if scale_noise < 1:
             raise ValueError(f"scale_noise: expected a number >= 1 (scales are drawn in [1/s, s]), got "
                              f"{scale_noise!r}")
-        _check_positive("sample_noise", sample_noise, allow_zero=True)
+        _checks.check_real("sample_noise", sample_noise, 0.0)
         if not isinstance(seed, int) or isinstance(seed, bool):
             raise TypeError(f"seed: expected an int, got {type(seed).__name__}")
         self.mean_noise = float(mean_noise)
@@ -517,8 +500,8 @@ def effective_lr(lr: float, weight_norm_value: float) -> float:
     If ``f(c w) = f(w)`` for all ``c > 0`` then ``grad f(c w) = grad f(w) / c``, so the step on the
     direction ``w / ||w||`` (the only thing that matters) is ``lr / ||w||^2`` times the gradient
     with respect to that direction."""
-    _check_positive("lr", lr, allow_zero=True)
-    _check_positive("weight_norm_value", weight_norm_value)
+    _checks.check_real("lr", lr, 0.0)
+    _checks.check_real("weight_norm_value", weight_norm_value, 0.0, open_low=True)
     return lr / weight_norm_value ** 2
 
 
@@ -591,8 +574,8 @@ def steps_to_sustained_accuracy(history, target: float, window: int = 50) -> Opt
     """The first evaluation step ``s`` at which the mean test accuracy over the evaluations of the last
     ``window`` steps, ``s - window < step <= s``, reaches ``target``; ``None`` if it never does.
 
-    ``history`` is a :class:`bnlib.experiments.History` (``eval_steps``, ``eval_acc``). Unlike
-    :func:`bnlib.experiments.steps_to_accuracy` (the first single evaluation at or above ``target``), one lucky
+    ``history`` is a :class:`bnlib.lab.train.History` (``eval_steps``, ``eval_acc``). Unlike
+    :func:`bnlib.lab.train.steps_to_accuracy` (the first single evaluation at or above ``target``), one lucky
     evaluation on a slowly rising, noisy curve does not count, so the result moves little when the run itself
     moves a little (another seed of the evaluation noise, another processor's rounding). Evaluate often
     (several evaluations per window). Before step ``window`` the average includes the evaluation at step 0.
@@ -645,7 +628,7 @@ class MicroscopeRecord:
 
 
 class Microscope:
-    """A callback for :func:`bnlib.experiments.train` that measures, without disturbing the run:
+    """A callback for :func:`bnlib.lab.train.train` that measures, without disturbing the run:
 
     - every ``act_every`` steps: the outputs of ``act_modules`` (default: the inputs of the nonlinearities,
       :func:`pre_activation_modules`) on the fixed ``probe_x`` batch, in training mode;
@@ -662,7 +645,7 @@ class Microscope:
                  landscape_every: int = 0, norm_every: int = 0, step_sizes=(0.5, 1.0, 2.0, 4.0),
                  act_modules=None, layers: Optional[Sequence[nn.Module]] = None,
                  loss: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy):
-        _check_positive("lr", lr, allow_zero=True)
+        _checks.check_real("lr", lr, 0.0)
         for name, v in (("act_every", act_every), ("ics_every", ics_every),
                         ("landscape_every", landscape_every), ("norm_every", norm_every)):
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:

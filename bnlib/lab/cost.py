@@ -22,11 +22,15 @@ with the quartiles; CUDA work is synchronized before the clock is read. To *comp
 them with :func:`interleaved_times`: they take turns, sample by sample, so a change in the load of a shared
 machine during the measurement affects all of them alike and their ratios stay meaningful.
 :func:`training_step`, :func:`inference_call` and :func:`batch_norm_step` build the functions to time.
+
+Bad arguments raise ``TypeError`` (wrong type) or ``ValueError`` (wrong value) with the message shape of
+:mod:`bnlib._checks` and the rest of :mod:`bnlib.lab`: ``"<name>: expected <what>, got <value>"``.
 """
 from __future__ import annotations
 
 import copy
 import math
+import numbers
 import statistics
 import time
 from dataclasses import dataclass
@@ -34,6 +38,8 @@ from typing import Callable, Dict, Hashable, List, Mapping, Sequence
 
 import torch
 from torch import nn
+
+from .. import _checks
 
 __all__ = [
     "Timing",
@@ -72,10 +78,20 @@ def _sync(device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _check_callable(name: str, fn) -> None:
+    if not callable(fn):
+        raise TypeError(f"{name}: expected a callable, got {type(fn).__name__}")
+
+
+def _check_module(model) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+
+
 def _check_counts(repeats, warmup, number) -> None:
-    for name, v, lo in (("repeats", repeats, 1), ("warmup", warmup, 0), ("number", number, 1)):
-        if not isinstance(v, int) or isinstance(v, bool) or v < lo:
-            raise ValueError(f"{name} must be an int >= {lo}, got {v!r}")
+    _checks.check_positive_int("repeats", repeats)
+    _checks.check_int("warmup", warmup, 0)
+    _checks.check_positive_int("number", number)
 
 
 def _timing(samples: List[float]) -> Timing:
@@ -97,8 +113,7 @@ def median_time(fn: Callable[[], object], *, repeats: int = 10, warmup: int = 2,
 
     Returns seconds *per call*. ``device``: synchronize this CUDA device around each sample."""
     _check_counts(repeats, warmup, number)
-    if not callable(fn):
-        raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+    _check_callable("fn", fn)
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -119,11 +134,12 @@ def interleaved_times(fns: Mapping[Hashable, Callable[[], object]], *, repeats: 
     >>> t["b"].median / t["a"].median
     """
     _check_counts(repeats, warmup, number)
-    if not isinstance(fns, Mapping) or not fns:
-        raise ValueError(f"fns must be a non-empty mapping of name -> callable, got {fns!r}")
+    if not isinstance(fns, Mapping):
+        raise TypeError(f"fns: expected a non-empty mapping of name -> callable, got {type(fns).__name__}")
+    if not fns:
+        raise ValueError(f"fns: expected a non-empty mapping of name -> callable, got {fns!r}")
     for key, fn in fns.items():
-        if not callable(fn):
-            raise TypeError(f"fns[{key!r}] must be callable, got {type(fn).__name__}")
+        _check_callable(f"fns[{key!r}]", fn)
     for _ in range(warmup):
         for fn in fns.values():
             fn()
@@ -154,11 +170,13 @@ def bn_bytes(shape: Sequence[int], dtype: torch.dtype = torch.float32, kind: str
     True
     """
     if kind not in TENSOR_PASSES:
-        raise ValueError(f"kind must be one of {sorted(TENSOR_PASSES)}, got {kind!r}")
+        raise ValueError(f"kind: expected one of {sorted(TENSOR_PASSES)}, got {kind!r}")
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    if any((not isinstance(s, int)) or s < 0 for s in shape):
-        raise ValueError(f"shape must be non-negative ints, got {tuple(shape)}")
+        raise TypeError(f"dtype: expected a floating-point torch.dtype, got {dtype!r}")
+    if any(isinstance(s, bool) or not isinstance(s, numbers.Integral) for s in shape):
+        raise TypeError(f"shape: expected a sequence of non-negative ints, got {tuple(shape)!r}")
+    if any(s < 0 for s in shape):
+        raise ValueError(f"shape: expected a sequence of non-negative ints, got {tuple(shape)!r}")
     E = math.prod(shape)
     return TENSOR_PASSES[kind] * E * torch.empty((), dtype=dtype).element_size()
 
@@ -166,8 +184,7 @@ def bn_bytes(shape: Sequence[int], dtype: torch.dtype = torch.float32, kind: str
 def copy_bandwidth(nbytes: int = 64 * 2**20, *, device="cpu", repeats: int = 10, warmup: int = 2) -> float:
     """Measured memory bandwidth in bytes/s: ``dst.copy_(src)`` of ``nbytes`` moves ``2 * nbytes``
     (one read, one write); median of ``repeats``. Use a buffer much larger than the last-level cache."""
-    if not isinstance(nbytes, int) or nbytes < 1024:
-        raise ValueError(f"nbytes must be an int >= 1024, got {nbytes!r}")
+    _checks.check_int("nbytes", nbytes, 1024)
     n = nbytes // 4
     src = torch.ones(n, device=device)
     dst = torch.empty_like(src)
@@ -177,15 +194,13 @@ def copy_bandwidth(nbytes: int = 64 * 2**20, *, device="cpu", repeats: int = 10,
 
 def achieved_bandwidth(nbytes: float, seconds: float) -> float:
     """Bytes per second."""
-    if seconds <= 0:
-        raise ValueError(f"seconds must be > 0, got {seconds!r}")
+    _checks.check_real("seconds", seconds, 0.0, open_low=True)
     return nbytes / seconds
 
 
 def roofline_time(nbytes: float, bandwidth: float) -> float:
     """The memory-bound floor: the least time in which ``nbytes`` can move at ``bandwidth`` bytes/s."""
-    if bandwidth <= 0:
-        raise ValueError(f"bandwidth must be > 0, got {bandwidth!r}")
+    _checks.check_real("bandwidth", bandwidth, 0.0, open_low=True)
     return nbytes / bandwidth
 
 
@@ -198,7 +213,7 @@ def batch_norm_step(x: torch.Tensor, impl: str = "torch", *, backward: bool = Fa
     ``'bnlib'`` (:func:`bnlib.torch.functional.batch_norm` with ``backend='torch'``, the hand-derived
     autograd in PyTorch ops) or ``'triton'`` (bnlib's Triton kernels; CUDA or TRITON_INTERPRET)."""
     if impl not in ("torch", "bnlib", "triton"):
-        raise ValueError(f"impl must be 'torch', 'bnlib' or 'triton', got {impl!r}")
+        raise ValueError(f"impl: expected 'torch', 'bnlib' or 'triton', got {impl!r}")
     C = x.shape[1]
     w = torch.ones(C, device=x.device, requires_grad=backward)
     b = torch.zeros(C, device=x.device, requires_grad=backward)
@@ -209,7 +224,7 @@ def batch_norm_step(x: torch.Tensor, impl: str = "torch", *, backward: bool = Fa
         def f():
             return torch.nn.functional.batch_norm(xg, rm, rv, w, b, True, 0.1, 1e-5)
     else:
-        from .torch import functional as BF
+        from ..torch import functional as BF
         backend = "torch" if impl == "bnlib" else "triton"
 
         def f():
@@ -237,8 +252,7 @@ def training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, *, lr
                   ) -> Callable[[], None]:
     """A function that runs one SGD training step (forward, cross-entropy, backward, update) of a *copy* of
     ``model`` on the batch ``(x, target)``; ``model`` itself is never changed."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_module(model)
     m = copy.deepcopy(model).train()
     opt = torch.optim.SGD(m.parameters(), lr=lr)
     loss_fn = nn.CrossEntropyLoss()
@@ -261,8 +275,7 @@ def time_training_step(model: nn.Module, x: torch.Tensor, target: torch.Tensor, 
 def inference_call(model: nn.Module, x: torch.Tensor) -> Callable[[], None]:
     """A function that computes ``model(x)`` in evaluation mode under ``torch.no_grad()`` (``model`` is put in
     eval now)."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    _check_module(model)
     model.eval()
 
     def run():
@@ -284,8 +297,8 @@ def sync_bn_communication_bytes(num_features: int, world_size: int,
     values from each of the other ``W - 1`` ranks); the backward all-reduces ``(sum g, sum g*xhat)``
     (``2C`` values in the compute dtype, float32 unless the input is float64; a ring all-reduce receives
     ``2 (W-1)/W`` times the buffer). Independent of the batch and image sizes."""
-    if world_size < 1 or num_features < 1:
-        raise ValueError("num_features and world_size must be >= 1")
+    _checks.check_positive_int("num_features", num_features)
+    _checks.check_positive_int("world_size", world_size)
     gb = torch.empty((), dtype=grad_dtype).element_size()
     fwd = 3 * num_features * 8 * (world_size - 1)
     bwd = int(round(2 * (world_size - 1) / world_size * 2 * num_features * gb))

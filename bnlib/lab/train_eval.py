@@ -12,8 +12,9 @@ Running statistics
     keras       ``r = m r + (1 - m) b``                      0.99        1e-3   biased (no correction)
     ==========  ===========================================  ==========  =====  ======================
 
-    :func:`update_running_stats` / :func:`running_stats_trajectory` implement both on plain tensors;
-    :class:`KerasBatchNorm1d` is a :class:`bnlib.torch.BatchNorm1d` with Keras' bookkeeping.
+    :func:`ema_update` (one update) / :func:`running_stats_trajectory` follow both on plain tensors, through
+    the one implementation of the two conventions, :func:`bnlib.torch.functional.batch_norm`'s ``convention``
+    (a Keras layer is ``bnlib.torch.BatchNorm1d(C, momentum=0.99, eps=1e-3, convention='keras')``).
 
 Evaluation helpers
     :func:`predict` (eval or train mode, with the running statistics protected), :func:`accuracy`,
@@ -27,7 +28,11 @@ Fixes
 
 Non-i.i.d. batches
     :func:`class_sorted_batches` (each batch drawn from a few classes only), :func:`iid_batches`, and
-    :func:`train_on_batches`, a plain training loop over a given list of index batches.
+    :func:`train_on_batches`, which trains on a given list of index batches in that order (with
+    :func:`bnlib.lab.train.run`, the book's one loop).
+
+Arguments are checked with :mod:`bnlib._checks` (its one message shape, ``"<name>: expected <what>, got
+<value>"``: ``TypeError`` for a wrong type, ``ValueError`` for a wrong value).
 """
 from __future__ import annotations
 
@@ -37,21 +42,20 @@ from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ._setup import generator
+from .. import _checks
+from .._setup import generator
 
 __all__ = [
     "CONVENTIONS",
     "to_torch_momentum",
     "to_keras_momentum",
-    "update_running_stats",
+    "ema_update",
     "running_stats_trajectory",
     "ema_lag",
     "ema_half_life",
     "ema_noise_ratio",
-    "KerasBatchNorm1d",
     "bn_layers",
     "set_bn_momentum",
     "predict",
@@ -74,48 +78,32 @@ CONVENTIONS = {
 
 
 # --------------------------------------------------------------------------------------------------------
+# Argument checks bnlib._checks has no rule for (same message shape and exception types)
+def _check_labels(x, y) -> None:
+    if len(x) != len(y):
+        raise ValueError(f"y: expected {len(x)} labels to match x, got {len(y)}")
+
+
+# --------------------------------------------------------------------------------------------------------
 # Momentum conventions
-def _check_unit(name: str, value, *, open_low: bool = False, open_high: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.floating, np.integer)):
-        raise TypeError(f"{name}: expected a real number, got {type(value).__name__}")
-    value = float(value)
-    low_ok = value > 0 if open_low else value >= 0
-    high_ok = value < 1 if open_high else value <= 1
-    if not (math.isfinite(value) and low_ok and high_ok):
-        lo, hi = ("(" if open_low else "["), (")" if open_high else "]")
-        raise ValueError(f"{name}: expected a number in {lo}0, 1{hi}, got {value!r}")
-    return value
 
 
 def to_torch_momentum(keras_momentum: float) -> float:
     """PyTorch's ``momentum`` (weight of the new batch) for Keras' ``momentum`` (weight of the old average):
     ``1 - keras_momentum``. Keras' default 0.99 is PyTorch's 0.01, PyTorch's 0.1 is Keras' 0.9."""
-    return 1.0 - _check_unit("keras_momentum", keras_momentum)
+    return 1.0 - _checks.check_real("keras_momentum", keras_momentum, 0.0, 1.0)
 
 
 def to_keras_momentum(torch_momentum: float) -> float:
     """Keras' ``momentum`` for PyTorch's: ``1 - torch_momentum``."""
-    return 1.0 - _check_unit("torch_momentum", torch_momentum)
+    return 1.0 - _checks.check_real("torch_momentum", torch_momentum, 0.0, 1.0)
 
 
-def _batch_moments(x: torch.Tensor):
-    """Per-channel mean, biased variance and count of an ``(N, C, *)`` tensor."""
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    if x.dim() < 2:
-        raise ValueError(f"x: expected an (N, C, *) tensor with at least 2 dims, got shape {tuple(x.shape)}")
-    dims = [0] + list(range(2, x.dim()))
-    n = x.numel() // x.shape[1]
-    if n < 2:
-        raise ValueError(f"x: expected more than 1 value per channel, got input size {tuple(x.shape)}")
-    mean = x.mean(dims)
-    var = x.var(dims, unbiased=False)
-    return mean, var, n
-
-
-def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, x: torch.Tensor, *,
-                         convention: str = "pytorch", momentum: Optional[float] = None):
-    """One running-statistics update by the batch ``x`` (``(N, C, *)``), as the framework does it.
+def ema_update(running_mean: torch.Tensor, running_var: torch.Tensor, x: torch.Tensor, *,
+               convention: str = "pytorch", momentum: Optional[float] = None):
+    """One exponential-moving-average update of the running statistics by the batch ``x`` (``(N, C, *)``), as
+    the framework of ``convention`` does it: a training-mode :func:`bnlib.torch.functional.batch_norm` call on
+    copies of the statistics (the one implementation of both conventions), for the chapter's comparisons.
 
     ``momentum`` is in the convention's own meaning (default: its default). Returns new tensors
     ``(running_mean, running_var)``; the inputs are not changed.
@@ -125,17 +113,16 @@ def update_running_stats(running_mean: torch.Tensor, running_var: torch.Tensor, 
     """
     if convention not in CONVENTIONS:
         raise ValueError(f"convention: expected one of {tuple(CONVENTIONS)}, got {convention!r}")
-    m = CONVENTIONS[convention]["momentum"] if momentum is None else _check_unit("momentum", momentum)
-    mean, var, n = _batch_moments(x)
-    if running_mean.shape != mean.shape or running_var.shape != mean.shape:
-        raise ValueError(f"running_mean, running_var: expected shape {tuple(mean.shape)}, got "
-                         f"{tuple(running_mean.shape)} and {tuple(running_var.shape)}")
-    if convention == "pytorch":
-        var = var * n / (n - 1)
-        w_new = m
-    else:
-        w_new = 1.0 - m
-    return (1 - w_new) * running_mean + w_new * mean, (1 - w_new) * running_var + w_new * var
+    m = _checks.check_momentum(momentum)
+    if m is None:
+        m = CONVENTIONS[convention]["momentum"]
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
+    rm, rv = running_mean.clone(), running_var.clone()
+    with torch.no_grad():
+        _bt().functional.batch_norm(x, rm, rv, training=True, momentum=m, eps=CONVENTIONS[convention]["eps"],
+                                    convention="torch" if convention == "pytorch" else "keras")
+    return rm, rv
 
 
 def running_stats_trajectory(batches: Iterable[torch.Tensor], *, convention: str = "pytorch",
@@ -151,7 +138,7 @@ def running_stats_trajectory(batches: Iterable[torch.Tensor], *, convention: str
             rv = torch.ones(c, dtype=torch.float64)
             means.append(rm.numpy().copy())
             variances.append(rv.numpy().copy())
-        rm, rv = update_running_stats(rm, rv, x.to(torch.float64), convention=convention, momentum=momentum)
+        rm, rv = ema_update(rm, rv, x.to(torch.float64), convention=convention, momentum=momentum)
         means.append(rm.numpy().copy())
         variances.append(rv.numpy().copy())
     if rm is None:
@@ -162,8 +149,8 @@ def running_stats_trajectory(batches: Iterable[torch.Tensor], *, convention: str
 def ema_lag(torch_momentum: float, fraction: float = 0.9) -> int:
     """Steps an EMA with PyTorch momentum ``alpha`` needs to cover ``fraction`` of a step change:
     the smallest k with ``1 - (1 - alpha)^k >= fraction``."""
-    a = _check_unit("torch_momentum", torch_momentum, open_low=True)
-    f = _check_unit("fraction", fraction, open_low=True, open_high=True)
+    a = _checks.check_real("torch_momentum", torch_momentum, 0.0, 1.0, open_low=True)
+    f = _checks.check_real("fraction", fraction, 0.0, 1.0, open_low=True, open_high=True)
     if a == 1.0:
         return 1
     return max(1, math.ceil(math.log(1 - f) / math.log(1 - a) - 1e-12))
@@ -171,71 +158,27 @@ def ema_lag(torch_momentum: float, fraction: float = 0.9) -> int:
 
 def ema_half_life(torch_momentum: float) -> float:
     """Number of steps after which a batch's weight in the EMA has halved: ``ln 2 / -ln(1 - alpha)``."""
-    a = _check_unit("torch_momentum", torch_momentum, open_low=True, open_high=True)
+    a = _checks.check_real("torch_momentum", torch_momentum, 0.0, 1.0, open_low=True, open_high=True)
     return math.log(2) / -math.log(1 - a)
 
 
 def ema_noise_ratio(torch_momentum: float) -> float:
     """Standard deviation of the EMA of i.i.d. batch statistics over their own standard deviation, in the
     steady state: ``sqrt(alpha / (2 - alpha))`` (0.23 for PyTorch's 0.1, 0.071 for Keras' 0.99)."""
-    a = _check_unit("torch_momentum", torch_momentum, open_low=True)
+    a = _checks.check_real("torch_momentum", torch_momentum, 0.0, 1.0, open_low=True)
     return math.sqrt(a / (2 - a))
 
 
 # --------------------------------------------------------------------------------------------------------
 def _bt():
-    from . import torch as bt
+    from .. import torch as bt
 
     return bt
 
 
-class KerasBatchNorm1d(nn.Module):
-    """Batch norm with Keras' bookkeeping: ``momentum`` is the weight of the *old* average (default 0.99),
-    ``eps`` 1e-3, and the running variance stores the *biased* batch variance.
-
-    The normalization itself is :func:`bnlib.torch.functional.batch_norm`; parameter and buffer names are
-    PyTorch's (``weight``, ``bias``, ``running_mean``, ``running_var``) so weights can be compared and
-    copied between conventions.
-    """
-
-    def __init__(self, num_features: int, momentum: float = 0.99, eps: float = 1e-3) -> None:
-        super().__init__()
-        if isinstance(num_features, bool) or not isinstance(num_features, int) or num_features < 1:
-            raise ValueError(f"num_features: expected a positive int, got {num_features!r}")
-        self.momentum = _check_unit("momentum", momentum)
-        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not (eps > 0 and math.isfinite(eps)):
-            raise ValueError(f"eps: expected a positive finite number, got {eps!r}")
-        self.num_features = num_features
-        self.eps = float(eps)
-        self.weight = nn.Parameter(torch.ones(num_features))
-        self.bias = nn.Parameter(torch.zeros(num_features))
-        self.register_buffer("running_mean", torch.zeros(num_features))
-        self.register_buffer("running_var", torch.ones(num_features))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not isinstance(x, torch.Tensor) or x.dim() not in (2, 3) or x.shape[1] != self.num_features:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"input: expected (N, {self.num_features}) or (N, {self.num_features}, L), "
-                             f"got {shape}")
-        bf = _bt().functional
-        if not self.training:
-            return bf.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0,
-                                 self.eps)
-        with torch.no_grad():
-            new_mean, new_var = update_running_stats(self.running_mean, self.running_var, x.detach(),
-                                                     convention="keras", momentum=self.momentum)
-        out = bf.batch_norm(x, None, None, self.weight, self.bias, True, 0.0, self.eps)
-        self.running_mean.copy_(new_mean)
-        self.running_var.copy_(new_var)
-        return out
-
-    def extra_repr(self) -> str:
-        return f"{self.num_features}, momentum={self.momentum} (Keras meaning), eps={self.eps}"
-
-
 # --------------------------------------------------------------------------------------------------------
 def _bn_types():
-    types = [nn.modules.batchnorm._BatchNorm, KerasBatchNorm1d]
+    types = [nn.modules.batchnorm._BatchNorm]
     try:
         types.append(_bt()._BatchNorm)
     except ImportError:  # pragma: no cover - bnlib.torch always ships with bnlib
@@ -245,7 +188,7 @@ def _bn_types():
 
 def bn_layers(model: nn.Module):
     """``[(name, module)]`` of the batch norms in ``model`` that keep running statistics (torch.nn's,
-    bnlib's -- including batch renorm, ghost and batch-layer norm -- and :class:`KerasBatchNorm1d`)."""
+    bnlib's -- including batch renorm, ghost, batch-layer norm and Keras-convention layers)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     types = _bn_types()
@@ -255,8 +198,7 @@ def bn_layers(model: nn.Module):
 
 def set_bn_momentum(model: nn.Module, momentum: Optional[float]) -> None:
     """Set the (PyTorch-convention) ``momentum`` of every batch norm in ``model`` (``None``: cumulative)."""
-    if momentum is not None:
-        _check_unit("momentum", momentum)
+    _checks.check_momentum(momentum)
     for _, m in bn_layers(model):
         m.momentum = momentum
 
@@ -272,12 +214,6 @@ def _restore_buffers(model: nn.Module, snap) -> None:
                 b.copy_(snap[n])
 
 
-def _check_batch_size(batch_size) -> int:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size: expected a positive int, got {batch_size!r}")
-    return int(batch_size)
-
-
 @torch.no_grad()
 def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000, train_mode: bool = False,
             order: Optional[torch.Tensor] = None, keep_running_stats: bool = True) -> torch.Tensor:
@@ -291,7 +227,7 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000, train_
     """
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"x: expected a torch.Tensor, got {type(x).__name__}")
-    batch_size = _check_batch_size(batch_size)
+    batch_size = _checks.check_positive_int("batch_size", batch_size)
     n = len(x)
     if order is None:
         order = torch.arange(n)
@@ -317,8 +253,7 @@ def predict(model: nn.Module, x: torch.Tensor, *, batch_size: int = 1000, train_
 
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, **kwargs) -> float:
     """Fraction of ``x`` that :func:`predict` (same keyword arguments) classifies as ``y``."""
-    if len(x) != len(y):
-        raise ValueError(f"y: expected {len(x)} labels to match x, got {len(y)}")
+    _check_labels(x, y)
     return (predict(model, x, **kwargs) == y).float().mean().item()
 
 
@@ -326,8 +261,7 @@ def prediction_flip_rate(model: nn.Module, x: torch.Tensor, *, batch_size: int, 
                          seed: int = 0) -> float:
     """In train mode, the fraction of examples whose predicted class is not the same in ``repeats``
     random batchings (each example lands among different companions). 0 in eval mode by construction."""
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 2:
-        raise ValueError(f"repeats: expected an int >= 2, got {repeats!r}")
+    _checks.check_int("repeats", repeats, 2)
     gen = generator(seed)
     preds = torch.stack([predict(model, x, batch_size=batch_size, train_mode=True,
                                  order=torch.randperm(len(x), generator=gen)) for _ in range(repeats)])
@@ -375,10 +309,9 @@ def recalibrate_bn(model: nn.Module, data, *, batch_size: int = 256, num_batches
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-    batch_size = _check_batch_size(batch_size)
+    batch_size = _checks.check_positive_int("batch_size", batch_size)
     if num_batches is not None:
-        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-            raise ValueError(f"num_batches: expected a positive int or None, got {num_batches!r}")
+        _checks.check_positive_int("num_batches", num_batches)
     if isinstance(data, torch.Tensor):
         if len(data) < batch_size:
             raise ValueError(f"batch_size: expected at most the {len(data)} examples of data, got {batch_size}")
@@ -394,9 +327,9 @@ def recalibrate_bn(model: nn.Module, data, *, batch_size: int = 256, num_batches
     try:
         model.eval()
         for m in layers:
-            if isinstance(m, KerasBatchNorm1d):
+            if getattr(m, "convention", "torch") != "torch":
                 raise TypeError("model: recalibrate_bn supports PyTorch-convention batch norms only, found a "
-                                "KerasBatchNorm1d")
+                                f"{type(m).__name__} with convention={m.convention!r}")
             m.reset_running_stats()
             m.momentum = None
             m.train()
@@ -464,7 +397,7 @@ def inference_example_weighing(model: nn.Module, alpha: float):
     positions of the example (for ``(N, C)`` input: the value itself and 0). ``alpha = 0`` is plain
     inference. Layers in train mode are untouched.
     """
-    alpha = _check_unit("alpha", alpha)
+    alpha = _checks.check_real("alpha", alpha, 0.0, 1.0)
     if not isinstance(model, nn.Module):
         raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
     types = _plain_bn_types()
@@ -485,17 +418,14 @@ def class_sorted_batches(y: torch.Tensor, batch_size: int, *, num_batches: int, 
     """``num_batches`` index batches, each drawn from ``classes_per_batch`` random classes only, with
     ``batch_size / classes_per_batch`` examples of each (a non-i.i.d. sampler: what a data set stored sorted
     by class gives without shuffling). Examples of a class are used in a fresh random order, cycling."""
-    batch_size = _check_batch_size(batch_size)
+    batch_size = _checks.check_positive_int("batch_size", batch_size)
     y = torch.as_tensor(y).cpu()
     classes = torch.unique(y)
-    if isinstance(classes_per_batch, bool) or not isinstance(classes_per_batch, int) or \
-            not 1 <= classes_per_batch <= len(classes):
-        raise ValueError(f"classes_per_batch: expected an int in [1, {len(classes)}], got {classes_per_batch!r}")
+    _checks.check_int("classes_per_batch", classes_per_batch, 1, len(classes))
     if batch_size % classes_per_batch:
         raise ValueError(f"batch_size: expected a multiple of classes_per_batch={classes_per_batch}, got "
                          f"{batch_size}")
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"num_batches: expected a positive int, got {num_batches!r}")
+    _checks.check_positive_int("num_batches", num_batches)
     per_class = batch_size // classes_per_batch
     gen = generator(seed)
     pools = {int(c): torch.nonzero(y == c).flatten() for c in classes}
@@ -521,12 +451,10 @@ def class_sorted_batches(y: torch.Tensor, batch_size: int, *, num_batches: int, 
 
 def iid_batches(n: int, batch_size: int, *, num_batches: int, seed: int = 0):
     """``num_batches`` index batches of ``batch_size`` from a fresh random permutation of ``range(n)`` each
-    epoch (what :func:`bnlib.experiments.train` samples)."""
-    batch_size = _check_batch_size(batch_size)
-    if isinstance(n, bool) or not isinstance(n, int) or n < batch_size:
-        raise ValueError(f"n: expected an int >= batch_size={batch_size}, got {n!r}")
-    if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
-        raise ValueError(f"num_batches: expected a positive int, got {num_batches!r}")
+    epoch (what :func:`bnlib.lab.train.train` samples)."""
+    batch_size = _checks.check_positive_int("batch_size", batch_size)
+    _checks.check_int("n", n, batch_size)
+    _checks.check_positive_int("num_batches", num_batches)
     gen = generator(seed)
     order, pos, out = torch.randperm(n, generator=gen), 0, []
     for _ in range(num_batches):
@@ -543,49 +471,34 @@ def train_on_batches(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batches
     """Train ``model`` with cross-entropy, one optimizer step per index batch in ``batches`` (in that order).
 
     ``callback(step, model)`` runs *before* step ``step`` (1-based), e.g. to set batch renorm's limits on a
-    schedule. Returns the list of training losses.
+    schedule: :func:`bnlib.lab.train.train`'s ``before_step`` hook (a callable or a list of them; one may
+    raise :class:`bnlib.lab.train.StopTraining`). Returns the list of training losses; training stops after
+    a non-finite loss.
+
+    It is :func:`bnlib.lab.train.train` with a ``sampler`` that gives batch ``step - 1`` of ``batches`` instead
+    of the loop's own shuffled batches.
     """
-    from .experiments import make_optimizer
+    from .train import as_hooks, train
 
-    if len(x) != len(y):
-        raise ValueError(f"y: expected {len(x)} labels to match x, got {len(y)}")
+    callback = as_hooks("callback", callback)
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+    _check_labels(x, y)
     if len(batches) == 0:
-        raise ValueError("batches: expected at least one index batch")
-    opt = make_optimizer(model, optimizer, lr, momentum)
-    model.train()
-    losses = []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(batches), desc=desc, leave=False, mininterval=1.0)   # redraws are front-end messages
-    for step, idx in enumerate(batches, start=1):
-        if callback is not None:
-            callback(step, model)
-        idx = idx.to(x.device)
-        loss = F.cross_entropy(model(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-        if bar is not None:
-            bar.update(1)
-        if not math.isfinite(losses[-1]):
-            break
-    if bar is not None:
-        bar.close()
-    return losses
+        raise ValueError("batches: expected at least one index batch, got none")
+    batch = max(len(b) for b in batches)  # (only checked against len(x): the sampler gives each step's batch)
+    hist = train(model, x, y, steps=len(batches), batch_size=min(batch, len(x)), lr=lr, optimizer=optimizer,
+                 momentum=momentum, before_step=callback, sampler=lambda t: batches[t - 1], progress=progress,
+                 desc=desc)
+    return hist.train_loss
 
 
 def renorm_schedule(step: int, *, warmup: int, ramp: int, r_max: float = 3.0, d_max: float = 5.0):
     """Batch renormalization's limits at ``step`` (Ioffe 2017): ``(1, 0)`` -- plain batch norm -- for the
     first ``warmup`` steps, then linear ramps to ``(r_max, d_max)`` over ``ramp`` steps."""
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
-        raise ValueError(f"warmup: expected a non-negative int, got {warmup!r}")
-    if isinstance(ramp, bool) or not isinstance(ramp, int) or ramp < 1:
-        raise ValueError(f"ramp: expected a positive int, got {ramp!r}")
-    if not (r_max >= 1 and d_max >= 0 and math.isfinite(r_max) and math.isfinite(d_max)):
-        raise ValueError(f"r_max, d_max: expected r_max >= 1 and d_max >= 0, got {r_max!r}, {d_max!r}")
+    _checks.check_int("warmup", warmup, 0)
+    _checks.check_positive_int("ramp", ramp)
+    r_max, d_max = _checks.check_renorm_limits(r_max, d_max)
     t = min(max(step - warmup, 0) / ramp, 1.0)
     return 1.0 + t * (r_max - 1.0), t * d_max
 

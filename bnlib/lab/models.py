@@ -1,60 +1,29 @@
 """Small models the chapters train: an MLP and a CNN with a pluggable normalization layer.
 
-Every normalization layer comes from :mod:`bnlib.torch` (drop-in twins of ``torch.nn``), chosen by a short
-name so that sweeps can loop over methods:
-
-=========  ==========================================  ===========================================
-name       after a Linear (features, ``dim=1``)         after a Conv2d (channels, ``dim=2``)
-=========  ==========================================  ===========================================
-``none``   identity                                     identity
-``bn``     ``BatchNorm1d``                              ``BatchNorm2d``
-``ghost``  ``GhostBatchNorm1d``                         ``GhostBatchNorm2d``
-``brn``    ``BatchRenorm1d``                            ``BatchRenorm2d``
-``bln``    ``BatchLayerNorm``                           ``BatchLayerNorm``
-``ln``     ``LayerNorm(C)``                             ``GroupNorm(1, C)`` (LN over C, H, W)
-``gn``     ``GroupNorm(groups, C)``                     ``GroupNorm(groups, C)``
-``in``     (not defined for features: error)            ``InstanceNorm2d(C, affine=True)``
-=========  ==========================================  ===========================================
+Every normalization layer comes from the registry :mod:`bnlib.methods` (drop-in twins of ``torch.nn`` from
+:mod:`bnlib.torch`), chosen by its short name so that sweeps can loop over methods: ``bn``, ``ghost``,
+``brn``, ``bln``, ``ln`` (``GroupNorm(1, C)`` after a Conv2d), ``gn``, ``in`` (after a Conv2d only),
+``rms`` (after a Linear only) and ``none`` (identity).
 """
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-NORMS = ("none", "bn", "ghost", "brn", "bln", "ln", "gn", "in")
+from .. import methods
+
+#: Every registered method (:data:`bnlib.methods.NAMES`); ``methods.names(dim=2)`` are those a CNN can use.
+NORMS = methods.NAMES
 _ACTIVATIONS = {"relu": nn.ReLU, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh}
 
 
 def make_norm(kind: str, num_features: int, dim: int = 1, **kwargs) -> nn.Module:
-    """The normalization layer called ``kind`` for ``num_features`` features (dim=1) or channels (dim=2).
+    """The normalization layer called ``kind`` (a name in :mod:`bnlib.methods`) for ``num_features``
+    features (dim=1, after a Linear) or channels (dim=2, after a Conv2d).
 
     Extra keyword arguments go to the layer (e.g. ``momentum``, ``groups`` for 'gn', ``virtual_batch_size``
     for 'ghost', ``r_max``/``d_max`` for 'brn').
     """
-    from . import torch as bt
-
-    if kind not in NORMS:
-        raise ValueError(f"kind: expected one of {NORMS}, got {kind!r}")
-    if dim not in (1, 2):
-        raise ValueError(f"dim: expected 1 (features) or 2 (image channels), got {dim!r}")
-    if kind == "none":
-        return nn.Identity()
-    if kind == "bn":
-        return (bt.BatchNorm1d if dim == 1 else bt.BatchNorm2d)(num_features, **kwargs)
-    if kind == "ghost":
-        return (bt.GhostBatchNorm1d if dim == 1 else bt.GhostBatchNorm2d)(num_features, **kwargs)
-    if kind == "brn":
-        return (bt.BatchRenorm1d if dim == 1 else bt.BatchRenorm2d)(num_features, **kwargs)
-    if kind == "bln":
-        return bt.BatchLayerNorm(num_features, **kwargs)
-    if kind == "ln":
-        return bt.LayerNorm(num_features, **kwargs) if dim == 1 else bt.GroupNorm(1, num_features, **kwargs)
-    if kind == "gn":
-        groups = kwargs.pop("groups", min(8, num_features))
-        return bt.GroupNorm(groups, num_features, **kwargs)
-    if dim == 1:  # kind == "in"
-        raise ValueError("kind: 'in' (instance norm) needs spatial dims; use dim=2 (after a Conv2d)")
-    return bt.InstanceNorm2d(num_features, affine=True, **kwargs)
+    return methods.make(kind, num_features, dim, **kwargs)
 
 
 def mlp(
@@ -110,7 +79,8 @@ def small_cnn(
     layers: list[nn.Module] = []
     c_in = in_channels
     for c in channels:
-        layers.append(nn.Conv2d(c_in, c, 3, padding=1, bias=(norm == "none")))  # a norm layer's shift makes the bias redundant
+        # a norm layer's shift makes the convolution's bias redundant
+        layers.append(nn.Conv2d(c_in, c, 3, padding=1, bias=(norm == "none")))
         norm_layer = make_norm(norm, c, 2, **norm_kwargs)
         if not isinstance(norm_layer, nn.Identity):
             layers.append(norm_layer)

@@ -1,13 +1,11 @@
-"""Tests of bnlib.pitfalls: framework conventions, train/eval helpers, precise BN, example weighing, samplers."""
-import math
-
+"""Tests of bnlib.lab.train_eval: framework conventions, train/eval helpers, precise BN, example weighing, samplers."""
 import numpy as np
 import pytest
 import torch
 from torch import nn
 
 import bnlib.torch as bt
-from bnlib import pitfalls as P
+from bnlib.lab import train_eval as P
 
 
 def _mlp(norm="bn", seed=0, **kw):
@@ -34,7 +32,7 @@ def test_pytorch_convention_matches_torch_nn():
     for _ in range(5):
         x = torch.randn(7, 4, generator=gen) * 3 + 1
         ref(x)
-        rm, rv = P.update_running_stats(rm, rv, x, convention="pytorch")
+        rm, rv = P.ema_update(rm, rv, x, convention="pytorch")
     torch.testing.assert_close(rm, ref.running_mean)
     torch.testing.assert_close(rv, ref.running_var)
 
@@ -53,13 +51,13 @@ def test_keras_convention_equals_pytorch_with_complementary_momentum_except_bess
     np.testing.assert_allclose(mt, mk, atol=1e-12)
 
 
-def test_update_running_stats_rejects_bad_input():
+def test_ema_update_rejects_bad_input():
     with pytest.raises(ValueError, match="convention"):
-        P.update_running_stats(torch.zeros(2), torch.ones(2), torch.randn(3, 2), convention="jax")
+        P.ema_update(torch.zeros(2), torch.ones(2), torch.randn(3, 2), convention="jax")
     with pytest.raises(ValueError, match="more than 1 value"):
-        P.update_running_stats(torch.zeros(2), torch.ones(2), torch.randn(1, 2))
+        P.ema_update(torch.zeros(2), torch.ones(2), torch.randn(1, 2))
     with pytest.raises(ValueError, match="running_mean"):
-        P.update_running_stats(torch.zeros(3), torch.ones(3), torch.randn(4, 2))
+        P.ema_update(torch.zeros(3), torch.ones(3), torch.randn(4, 2))
     with pytest.raises(ValueError, match="batches"):
         P.running_stats_trajectory([])
 
@@ -83,23 +81,23 @@ def test_ema_noise_ratio_matches_simulation():
     assert np.std(values) == pytest.approx(P.ema_noise_ratio(alpha), rel=0.05)
 
 
-def test_keras_batch_norm_bookkeeping():
+def test_ema_update_is_the_library_convention():
+    """ema_update runs bnlib.torch's batch norm (one implementation of both conventions) on copies."""
     gen = torch.Generator().manual_seed(2)
-    layer = P.KerasBatchNorm1d(3, momentum=0.9)
-    x = torch.randn(6, 3, generator=gen)
-    y = layer(x)
-    torch.testing.assert_close(layer.running_mean, 0.1 * x.mean(0))
-    torch.testing.assert_close(layer.running_var, 0.9 + 0.1 * x.var(0, unbiased=False))
-    # training output: batch statistics with eps 1e-3
-    expected = (x - x.mean(0)) / torch.sqrt(x.var(0, unbiased=False) + 1e-3)
-    torch.testing.assert_close(y, expected)
-    layer.eval()
-    expected = (x - layer.running_mean) / torch.sqrt(layer.running_var + 1e-3)
-    torch.testing.assert_close(layer(x), expected)
-    with pytest.raises(ValueError, match="momentum"):
-        P.KerasBatchNorm1d(3, momentum=2.0)
-    with pytest.raises(ValueError, match="input"):
-        layer(torch.randn(4, 5))
+    x = torch.randn(6, 3, generator=gen, dtype=torch.float64)
+    rm0, rv0 = torch.zeros(3, dtype=torch.float64), torch.ones(3, dtype=torch.float64)
+    rm, rv = P.ema_update(rm0, rv0, x, convention="keras", momentum=0.9)
+    torch.testing.assert_close(rm, 0.1 * x.mean(0))
+    torch.testing.assert_close(rv, 0.9 + 0.1 * x.var(0, unbiased=False))
+    rm, rv = P.ema_update(rm0, rv0, x, convention="pytorch", momentum=0.1)
+    torch.testing.assert_close(rv, 0.9 + 0.1 * x.var(0, unbiased=True))
+    assert torch.equal(rm0, torch.zeros(3, dtype=torch.float64))  # the inputs are not changed
+    with pytest.raises(ValueError, match="convention"):
+        P.ema_update(rm0, rv0, x, convention="tf")
+    layer = bt.BatchNorm1d(3, momentum=0.9, convention="keras").double()
+    layer(x)
+    with pytest.raises(TypeError, match="convention='keras'"):
+        P.recalibrate_bn(torch.nn.Sequential(layer), x, batch_size=3)
 
 
 # --- predict / flip rate ----------------------------------------------------------------------------------
@@ -287,3 +285,65 @@ def test_train_on_batches_and_renorm_schedule():
     assert seen[3] == pytest.approx((2.0, 2.5)) and seen[-1] == pytest.approx((3.0, 5.0))
     with pytest.raises(ValueError, match="ramp"):
         P.renorm_schedule(1, warmup=0, ramp=0)
+
+
+def test_train_on_batches_takes_batches_in_order_and_stops():
+    """train_on_batches runs on bnlib.lab.train.run but trains on the given batches, in the given order: the
+    same losses as a hand-written loop over them."""
+    from bnlib.lab.train import StopTraining
+
+    torch.manual_seed(0)
+    x = torch.randn(40, 5)
+    y = (x[:, 0] > 0).long()
+    batches = [torch.arange(i, i + 10) for i in (30, 0, 20, 10, 5)]
+
+    def net():
+        torch.manual_seed(1)
+        return nn.Sequential(nn.Linear(5, 8), bt.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+
+    ref = net()
+    opt = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    expected = []
+    for idx in batches:
+        loss = nn.functional.cross_entropy(ref(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        expected.append(loss.item())
+    model = net()
+    assert P.train_on_batches(model, x, y, batches, lr=0.1, momentum=0.9) == expected
+    for (k, a), b in zip(model.state_dict().items(), ref.state_dict().values()):
+        assert torch.equal(a, b), k
+
+    def stop_at_3(step, m):
+        if step == 3:
+            raise StopTraining
+
+    assert len(P.train_on_batches(net(), x, y, batches, lr=0.1, callback=[stop_at_3])) == 2
+    assert len(P.train_on_batches(net(), x, y, batches, lr=1e30)) < len(batches)  # diverged: stops
+    with pytest.raises(TypeError, match="callback"):
+        P.train_on_batches(net(), x, y, batches, lr=0.1, callback=3)
+    with pytest.raises(TypeError, match="model"):
+        P.train_on_batches(lambda v: v, x, y, batches, lr=0.1)
+    with pytest.raises(ValueError, match="batches"):
+        P.train_on_batches(net(), x, y, [], lr=0.1)
+    with pytest.raises(ValueError, match="y: expected 40 labels"):
+        P.train_on_batches(net(), x, y[:-1], batches, lr=0.1)
+
+
+def test_argument_checks_share_exception_types_and_message_shape():
+    """Bad types raise TypeError, bad values ValueError; messages name the argument (bnlib._checks' rules)."""
+    with pytest.raises(ValueError, match=r"momentum: .*\[0, 1\], got 1.5"):
+        P.ema_update(torch.zeros(2), torch.ones(2), torch.randn(3, 2), momentum=1.5)
+    with pytest.raises(ValueError, match="momentum"):
+        P.set_bn_momentum(_mlp(), -0.1)
+    with pytest.raises(TypeError, match="batch_size"):
+        P.predict(_mlp(), torch.randn(4, 5), batch_size=2.0)
+    with pytest.raises(ValueError, match=r"fraction: expected a real number in \(0, 1\), got 1.0"):
+        P.ema_lag(0.1, 1.0)
+    with pytest.raises(TypeError, match="repeats: expected an int >= 2, got float"):
+        P.prediction_flip_rate(_mlp(), torch.randn(8, 5), batch_size=4, repeats=2.0)
+    with pytest.raises(ValueError, match=r"classes_per_batch: expected an int in \[1, 10\], got 11"):
+        P.class_sorted_batches(torch.arange(10).repeat(3), 11, num_batches=1, classes_per_batch=11)
+    with pytest.raises(ValueError, match="r_max"):
+        P.renorm_schedule(1, warmup=0, ramp=1, r_max=0.5)

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import matplotlib as mpl
 
+from .. import methods as _methods
+
 #: Okabe & Ito (2008) colour-blind-safe palette.
 OKABE_ITO = {
     "black": "#000000",
@@ -20,17 +22,11 @@ OKABE_ITO = {
 #: The order colours are used in: first "without BN" (grey-ish black), then "with BN" (blue), ...
 PALETTE = [OKABE_ITO[k] for k in ("blue", "vermillion", "green", "orange", "purple", "sky_blue", "black", "yellow")]
 
-#: Fixed colours for the methods that appear across chapters, so a method keeps its colour everywhere.
-METHOD_COLORS = {
-    "none": OKABE_ITO["black"],
-    "bn": OKABE_ITO["blue"],
-    "ln": OKABE_ITO["vermillion"],
-    "in": OKABE_ITO["yellow"],
-    "gn": OKABE_ITO["green"],
-    "brn": OKABE_ITO["orange"],
-    "bln": OKABE_ITO["purple"],
-    "ghost": OKABE_ITO["sky_blue"],
-}
+#: Fixed colours, line styles and markers of the methods (read from the registry :mod:`bnlib.methods`), so a
+#: method keeps its look everywhere.
+METHOD_COLORS = {name: m.color for name, m in _methods.REGISTRY.items()}
+METHOD_STYLES = {name: m.linestyle for name, m in _methods.REGISTRY.items()}
+METHOD_MARKERS = {name: m.marker for name, m in _methods.REGISTRY.items()}
 
 
 def use_book_style() -> None:
