@@ -55,7 +55,7 @@ from .._setup import derive_seed
 from ..torch import BatchLayerNorm, GroupNorm, LayerNorm
 from ..torch import functional as BF
 from ..torch._batch_layer_norm import bln_weights
-from .train import History, StopTraining, _as_hooks, make_optimizer, run
+from .train import History, StopTraining, as_hooks, make_optimizer, run
 
 __all__ = ["PackedNet", "train_packed", "evaluate_packed", "SCHEDULES", "lr_at"]
 
@@ -419,7 +419,7 @@ def train_packed(
     _check_model(model)
     k = model.k
     seeds = _check_seeds(model.seeds if seeds is None else seeds, k)
-    callbacks, befores = _as_hooks("callback", callback), _as_hooks("before_step", before_step)
+    callbacks, befores = as_hooks("callback", callback), as_hooks("before_step", before_step)
     lr_scale = _per_network_lrs(lr, k, optimizer)
     n = len(x_train)
     _checks.check_training_run(n, len(y_train), steps, batch_size)

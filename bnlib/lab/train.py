@@ -108,9 +108,6 @@ def as_hooks(name: str, hooks) -> tuple:
     return hooks
 
 
-_as_hooks = as_hooks  # the name the lab used first
-
-
 def run(
     n: int,
     step: Callable[[int, torch.Tensor], float],
