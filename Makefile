@@ -1,7 +1,8 @@
 # The Batch Normalization Book: the two commands (see README.md).
 #   make book   set up .venv, fetch the site's JavaScript, build the website, print the path of index.html
 #   make test   the same set-up, then ruff (make lint), unit tests and every notebook under nbval, each in both numeric
-#               configurations side by side (scripts/numeric_env.py), the -W site build, browser check
+#               configurations side by side (scripts/numeric_env.py), beside them the clean-venv check (bnlib's
+#               wheel with only its declared dependencies, no Triton), the -W site build, browser check
 #   make seeds  every notebook's asserts with the book's base seed 1 and 2 (BNLIB_SEED), outputs not compared
 #   make serve  serve the built site on http://127.0.0.1:8000
 SHELL := /bin/bash
@@ -24,12 +25,12 @@ JB_FLAGS := -W -n --keep-going
 BOTH := PYTHON_FOR_ENV=$(BIN)/python scripts/both_configs.sh
 NBVAL := $(BIN)/python -m pytest --nbval-current-env --nbval-cell-timeout=600 -q
 
-.PHONY: book test seeds serve setup assets chromium lint unit notebooks site browser check-python clean
+.PHONY: book test seeds serve setup assets chromium lint unit notebooks clean-venv notebooks-and-clean-venv site browser check-python clean
 
 book: setup assets site
 	@echo "Book built: $(CURDIR)/_build/html/index.html"
 
-test: setup assets chromium lint unit notebooks site browser
+test: setup assets chromium lint unit notebooks-and-clean-venv site browser
 	@echo "make test: all checks passed"
 
 setup: $(STAMP)
@@ -69,6 +70,18 @@ unit: setup
 
 notebooks: setup
 	$(BOTH) notebooks $(NBVAL) --nbval $(NOTEBOOKS)
+
+# bnlib's wheel in a clean venv with only its declared dependencies and the README's extras (no Triton):
+# unit tests and every notebook's asserts (scripts/clean_venv_check.sh)
+clean-venv: setup
+	bash scripts/clean_venv_check.sh
+
+# make test runs the clean-venv check side by side with the notebooks (its install is mostly waiting on pip)
+notebooks-and-clean-venv: setup
+	@mkdir -p _build; bash scripts/clean_venv_check.sh > _build/clean-venv.log 2>&1 & cv=$$!; \
+	nb=0; $(BOTH) notebooks $(NBVAL) --nbval $(NOTEBOOKS) || nb=$$?; \
+	cvs=0; wait $$cv || cvs=$$?; grep -v '^WARNING' _build/clean-venv.log | tail -5 || true; \
+	echo "[clean-venv check: exit $$cvs]"; test $$nb -eq 0 -a $$cvs -eq 0
 
 # The claims (asserts) under other base seeds: seed 1 in the native configuration, seed 2 in the other one.
 seeds: setup

@@ -26,12 +26,16 @@ def test_spread_is_median_and_range():
         spread([])
 
 
-def test_glue_records_the_value_for_the_prose(monkeypatch):
+@pytest.mark.parametrize("with_myst_nb", [True, False])
+def test_glue_records_the_value_for_the_prose(monkeypatch, with_myst_nb):
+    """The same record with myst-nb (the website's build) and without it (a reader's Colab or clean venv)."""
     shown = []
     monkeypatch.setattr("IPython.display.display", lambda *a, **k: shown.append((a, k)))
-    import myst_nb.ext.glue as myst_glue
-
-    monkeypatch.setattr(myst_glue, "ipy_display", lambda *a, **k: shown.append((a, k)))
+    if with_myst_nb:
+        myst_glue = pytest.importorskip("myst_nb.ext.glue")
+        monkeypatch.setattr(myst_glue, "ipy_display", lambda *a, **k: shown.append((a, k)))
+    else:
+        monkeypatch.setitem(__import__("sys").modules, "myst_nb", None)  # `import myst_nb` fails
     glue("speedup", "12x")
     (bundle,), kwargs = shown[-1]
     assert bundle == {"application/papermill.record/text/plain": "'12x'"}
