@@ -76,9 +76,9 @@ notebooks: setup
 clean-venv: setup
 	bash scripts/clean_venv_check.sh
 
-# make test runs the clean-venv check beside the notebooks at the lowest CPU priority (nice 19): its pip
-# install waits on the network, and its tests take the cores the two nbval sessions leave, so the chapters'
-# nbval times stay those of the notebooks alone (measured without nice: up to 1.7x slower, chapter 6 at 273 s)
+# make test runs the clean-venv check beside the notebooks, at the lowest CPU priority (nice 19). Measured from
+# a fresh clone: the chapters' nbval times still grow (chapter 6: 146 s alone, 250 / 267 s beside the check,
+# with or without nice), inside the 300 s budget; make test takes about 17 min instead of 13.
 notebooks-and-clean-venv: setup
 	@mkdir -p _build; nice -n 19 bash scripts/clean_venv_check.sh > _build/clean-venv.log 2>&1 & cv=$$!; \
 	nb=0; $(BOTH) notebooks $(NBVAL) --nbval $(NOTEBOOKS) || nb=$$?; \
