@@ -23,6 +23,7 @@ import importlib
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _dist_version
 
+from ._checks import RunningStatsError, ShapeError
 from ._setup import base_seed, default_device, derive_seed, generator, rng, seed_everything, setup
 
 try:  # one source for the version: pyproject.toml (installed metadata)
@@ -31,6 +32,7 @@ except PackageNotFoundError:  # run from a source tree without installing
     __version__ = "0+unknown"
 __all__ = [
     "setup", "seed_everything", "default_device", "base_seed", "derive_seed", "rng", "generator", "__version__",
+    "ShapeError", "RunningStatsError",
 ]
 
 _SUBMODULES = {"numpy", "torch", "data", "methods"}

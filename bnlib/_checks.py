@@ -7,9 +7,14 @@ so a NumPy array and a torch tensor that are wrong in the same way get the *same
 Rules (every function raises before any state is touched; callers validate everything first, then update
 running statistics):
 
-- ``check_eps(eps, name="eps")``: a real number (not bool), finite and > 0. ``TypeError`` / ``ValueError``.
-- ``check_momentum(momentum, allow_none=True)``: ``None`` (cumulative average) or a real number in [0, 1].
-- ``check_ndim(ndim, allowed, name="input", layout="")``: ``ndim`` must be one of ``allowed``.
+- ``check_eps(eps, name="eps")``: a real number (not bool), finite and >= 0 (``eps=0`` is valid, as in
+  ``torch.nn``). ``TypeError`` / ``ValueError``.
+- ``check_training_eps(eps)``: batch statistics need ``eps > 0`` (``torch.nn.functional.batch_norm`` raises the
+  same ``ValueError`` in training; evaluation with the running statistics accepts ``eps=0``).
+- ``check_momentum(momentum, allow_none=True)``: ``None`` (cumulative average) or a real number in [0, 1]
+  (``averaging_factor`` checks it only when running statistics are updated: torch ignores it otherwise).
+- ``check_ndim(ndim, allowed, name="input", layout="")``: ``ndim`` must be one of ``allowed``;
+  ``check_min_ndim(ndim, low, name="input", layout="")``: at least ``low`` dimensions.
 - ``check_per_channel(name, shape, C)``: ``shape`` is ``None`` (argument not given) or exactly ``(C,)``.
 - ``check_num_channels(C, num_features, dim=1)``: a module's input has ``num_features`` channels.
 - ``check_shape(name, shape, expected)``: ``shape`` is ``None`` or exactly ``expected``.
@@ -35,6 +40,22 @@ Every message has one shape, ``"<argument>: expected <what>, got <value>"`` (the
 ``TypeError`` for a wrong type and ``ValueError`` for a wrong value -- except the two messages PyTorch
 itself raises for too-small batches (and the module's num_features mismatch), which are copied word for word
 so bnlib stays a drop-in. ``dtype_name(dtype)`` turns any dtype into ``"float32"``-style text.
+
+Exception classes. Where ``torch.nn`` raises ``RuntimeError`` and bnlib's rule is a ``ValueError``, the
+exception is an instance of both, so that code written for either library catches it:
+
+- :class:`ShapeError` (``ValueError`` and ``RuntimeError``): a tensor or size argument that does not fit the
+  input -- the number of dimensions (``check_ndim``, ``check_min_ndim``), a per-channel tensor of the wrong
+  length (``check_per_channel``), a parameter of the wrong shape (``check_shape``), a module's
+  ``num_features`` (``check_num_channels``), ``num_groups`` (``check_num_groups``: not positive, or not
+  dividing the channels) and ``normalized_shape`` (``check_normalized_shape``). PyTorch raises
+  ``RuntimeError`` for these in its functions (``ValueError`` for a module's input rank, which this is too).
+- :class:`RunningStatsError` (``ValueError`` and ``RuntimeError``): running statistics missing in evaluation
+  (``torch.nn.functional.batch_norm`` raises ``RuntimeError``) or given without their partner (``ValueError``
+  in torch), from ``check_running_stats``.
+
+Both are exported as ``bnlib.ShapeError`` and ``bnlib.RunningStatsError``; ``except ValueError`` (bnlib's
+documented rule) and ``except RuntimeError`` (PyTorch's) both catch them.
 """
 from __future__ import annotations
 
@@ -45,11 +66,15 @@ from typing import Callable, Iterable, Optional, Sequence, Tuple
 FLOAT_DTYPES = ("float32", "float64")
 
 __all__ = [
+    "ShapeError",
+    "RunningStatsError",
     "FLOAT_DTYPES",
     "dtype_name",
     "check_eps",
+    "check_training_eps",
     "check_momentum",
     "check_ndim",
+    "check_min_ndim",
     "check_shape",
     "check_per_channel",
     "check_num_channels",
@@ -93,12 +118,32 @@ def _describe(shape) -> str:
     return "(" + ", ".join(str(int(s)) for s in shape) + ("," if len(shape) == 1 else "") + ")"
 
 
+class ShapeError(ValueError, RuntimeError):
+    """A tensor or size argument does not fit the input (dimensions, per-channel length, parameter shape,
+    ``num_features``, ``num_groups``, ``normalized_shape``). A ``ValueError`` (bnlib's rule) and a
+    ``RuntimeError`` (what ``torch.nn.functional`` raises for these)."""
+
+
+class RunningStatsError(ValueError, RuntimeError):
+    """Running statistics missing where they are needed, or given without their partner. A ``ValueError``
+    (bnlib's rule) and a ``RuntimeError`` (what ``torch.nn.functional.batch_norm`` raises in evaluation)."""
+
+
 def check_eps(eps, name: str = "eps") -> float:
-    """``eps`` must be a finite real number > 0. Returns it as a float."""
+    """``eps`` must be a finite real number >= 0 (0 is valid, as in ``torch.nn``). Returns it as a float."""
     if not _is_real(eps):
-        raise TypeError(f"{name}: expected a positive real number, got {type(eps).__name__} {eps!r}")
-    if not (math.isfinite(float(eps)) and eps > 0):
-        raise ValueError(f"{name}: expected a positive finite number, got {eps!r}")
+        raise TypeError(f"{name}: expected a positive real number or 0, got {type(eps).__name__} {eps!r}")
+    if not (math.isfinite(float(eps)) and eps >= 0):  # NaN fails this test too
+        raise ValueError(f"{name}: expected a positive finite number or 0, got {eps!r}")
+    return float(eps)
+
+
+def check_training_eps(eps, name: str = "eps") -> float:
+    """Batch statistics need ``eps > 0``: a channel with a constant value has variance 0 (torch's
+    ``batch_norm`` raises ``ValueError`` in training too). Runs after :func:`check_eps`."""
+    if not float(eps) > 0:
+        raise ValueError(f"{name}: expected a positive number when training (batch statistics; a constant "
+                         f"channel has variance 0), got {eps!r}")
     return float(eps)
 
 
@@ -125,7 +170,14 @@ def check_ndim(ndim: int, allowed: Iterable[int], name: str = "input", layout: s
         else:
             want = ", ".join(str(a) for a in allowed[:-1]) + f" or {allowed[-1]}"
         hint = f" {layout}" if layout else ""
-        raise ValueError(f"{name}: expected {want} dimensions{hint}, got {ndim}-D {name}")
+        raise ShapeError(f"{name}: expected {want} dimensions{hint}, got {ndim}-D {name}")
+
+
+def check_min_ndim(ndim: int, low: int, name: str = "input", layout: str = "") -> None:
+    """``ndim`` must be at least ``low``; ``layout`` (e.g. ``"(N, C, *)"``) is added to the message."""
+    if ndim < low:
+        hint = f" {layout}" if layout else ""
+        raise ShapeError(f"{name}: expected at least {low} dimensions{hint}, got {ndim}-D {name}")
 
 
 def check_shape(name: str, shape: Optional[Sequence[int]], expected: Sequence[int]) -> None:
@@ -133,7 +185,7 @@ def check_shape(name: str, shape: Optional[Sequence[int]], expected: Sequence[in
     if shape is None:
         return
     if tuple(int(s) for s in shape) != tuple(int(s) for s in expected):
-        raise ValueError(f"{name}: expected shape {_describe(expected)}, got shape {_describe(shape)}")
+        raise ShapeError(f"{name}: expected shape {_describe(expected)}, got shape {_describe(shape)}")
 
 
 def check_per_channel(name: str, shape: Optional[Sequence[int]], C: int) -> None:
@@ -141,14 +193,14 @@ def check_per_channel(name: str, shape: Optional[Sequence[int]], C: int) -> None
     if shape is None:
         return
     if tuple(int(s) for s in shape) != (int(C),):
-        raise ValueError(f"{name}: expected shape ({int(C)},) to match the {int(C)} channels of input "
+        raise ShapeError(f"{name}: expected shape ({int(C)},) to match the {int(C)} channels of input "
                          f"(dimension 1), got shape {_describe(shape)}")
 
 
 def check_num_channels(C: int, num_features: int, dim: int = 1) -> None:
     """A module built for ``num_features`` channels must get an input with that many in dimension ``dim``."""
     if int(C) != int(num_features):
-        raise ValueError(f"input: expected num_features={int(num_features)} channels in dimension {dim}, "
+        raise ShapeError(f"input: expected num_features={int(num_features)} channels in dimension {dim}, "
                          f"got {int(C)}")
 
 
@@ -162,10 +214,15 @@ def check_positive_int(name: str, value) -> int:
 
 
 def check_num_groups(num_groups, C: int) -> int:
-    """``num_groups`` must be a positive int that divides the number of channels ``C``."""
-    num_groups = check_positive_int("num_groups", num_groups)
+    """``num_groups`` must be a positive int that divides the number of channels ``C`` (``TypeError`` for
+    a non-int, :class:`ShapeError` otherwise)."""
+    if not _is_int(num_groups):
+        raise TypeError(f"num_groups: expected a positive int, got {type(num_groups).__name__} {num_groups!r}")
+    if num_groups <= 0:
+        raise ShapeError(f"num_groups: expected a positive int, got {num_groups!r}")
+    num_groups = int(num_groups)
     if C % num_groups != 0:
-        raise ValueError(f"num_groups: expected a divisor of the number of channels ({C}), got "
+        raise ShapeError(f"num_groups: expected a divisor of the number of channels ({C}), got "
                          f"num_groups={num_groups}")
     return num_groups
 
@@ -180,11 +237,11 @@ def check_normalized_shape(normalized_shape, input_shape: Sequence[int]) -> Tupl
         raise TypeError(f"normalized_shape: expected an int or a sequence of ints, got "
                         f"{type(normalized_shape).__name__}") from None
     if len(ns) == 0 or not all(_is_int(s) and s > 0 for s in ns):
-        raise ValueError(f"normalized_shape: expected a non-empty sequence of positive ints, got {ns!r}")
+        raise ShapeError(f"normalized_shape: expected a non-empty sequence of positive ints, got {ns!r}")
     ns = tuple(int(s) for s in ns)
     input_shape = tuple(int(s) for s in input_shape)
     if len(input_shape) < len(ns) or input_shape[len(input_shape) - len(ns):] != ns:
-        raise ValueError(f"normalized_shape: expected {list(ns)} to match the trailing dimensions of input "
+        raise ShapeError(f"normalized_shape: expected {list(ns)} to match the trailing dimensions of input "
                          f"(an input of shape (*, {', '.join(map(str, ns))})), got input of shape "
                          f"{_describe(input_shape)}")
     return ns
@@ -261,12 +318,13 @@ def check_float_dtype(name: str, dtype, allowed: Sequence[str] = FLOAT_DTYPES) -
 
 def check_running_stats(running_mean_given: bool, running_var_given: bool, training: bool = True,
                         names: Tuple[str, str] = ("running_mean", "running_var")) -> None:
-    """Running mean and variance are given together or not at all, and must be given when not training."""
+    """Running mean and variance are given together or not at all, and must be given when not training
+    (:class:`RunningStatsError`)."""
     if bool(running_mean_given) != bool(running_var_given):
         given = names[0] if running_mean_given else names[1]
-        raise ValueError(f"{names[0]}, {names[1]}: expected both or neither, got only {given}")
+        raise RunningStatsError(f"{names[0]}, {names[1]}: expected both or neither, got only {given}")
     if not training and not running_mean_given:
-        raise ValueError(f"{names[0]}, {names[1]}: expected both when training=False (evaluation "
+        raise RunningStatsError(f"{names[0]}, {names[1]}: expected both when training=False (evaluation "
                          f"normalizes with the running statistics), got None")
 
 
@@ -287,16 +345,19 @@ def averaging_factor(momentum, num_batches_tracked, needed: bool,
     ``momentum`` in [0, 1] gives ``f = momentum``. ``momentum=None`` asks for the cumulative average, which
     needs ``num_batches_tracked``: the number of batches seen *including this one* (the modules increment
     their counter before the call, as ``torch.nn.BatchNorm*`` does), giving ``f = 1 / num_batches_tracked``.
-    ``needed`` says whether running statistics will be updated at all (``f = 0`` when not).
+    ``needed`` says whether running statistics will be updated at all; when not, ``momentum`` is unused and,
+    as in torch, any real number (or ``None``) is accepted (``f = 0`` unless it is in [0, 1]); a
+    non-number is still a ``TypeError``.
 
     ``as_count`` is the framework's part: it turns ``num_batches_tracked`` (an int, a NumPy or torch scalar)
     into a Python int, or ``None`` when it is not an integer scalar.
     """
+    if not needed and (momentum is None or _is_real(momentum)):
+        # unused (evaluation, or no running statistics to update): any real number, as torch ignores it too
+        return float(momentum) if momentum is not None and 0.0 <= float(momentum) <= 1.0 else 0.0
     momentum = check_momentum(momentum)
     if momentum is not None:
         return momentum
-    if not needed:
-        return 0.0
     if num_batches_tracked is None:
         raise ValueError("num_batches_tracked: expected the number of batches seen including this one (momentum="
                          "None is the cumulative moving average), got None")

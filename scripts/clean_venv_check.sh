@@ -24,7 +24,7 @@ V="$OUT/venv/bin"
 "$V/python" -m pip install --quiet $LINKS "torch==2.13.0"
 WHEEL=$(ls "$OUT"/wheel/bnlib-*.whl)
 # shellcheck disable=SC2086
-"$V/python" -m pip install --quiet $LINKS "${WHEEL}[data,widgets]" pytest hypothesis nbval ipykernel ${EXTRA_PINS:-}
+"$V/python" -m pip install --quiet $LINKS "${WHEEL}[data,widgets]" pytest hypothesis nbval ipykernel expecttest ${EXTRA_PINS:-}
 "$V/python" -m pip freeze > "$OUT/freeze.txt"
 if "$V/python" -c "import triton" 2>/dev/null; then echo "clean venv: triton is installed, expected it absent"; exit 1; fi
 cp -r tests tools scripts benchmarks conftest.py intro.ipynb chapters "$OUT/run/"

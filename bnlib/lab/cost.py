@@ -22,6 +22,7 @@ with the quartiles; CUDA work is synchronized before the clock is read. To *comp
 them with :func:`interleaved_times`: they take turns, sample by sample, so a change in the load of a shared
 machine during the measurement affects all of them alike and their ratios stay meaningful.
 :func:`training_step`, :func:`inference_call` and :func:`batch_norm_step` build the functions to time.
+:func:`resnet18_like` builds the ResNet-18-shaped network on which batch-norm folding is shown and benchmarked.
 
 Bad arguments raise ``TypeError`` (wrong type) or ``ValueError`` (wrong value) with the message shape of
 :mod:`bnlib._checks` and the rest of :mod:`bnlib.lab`: ``"<name>: expected <what>, got <value>"``.
@@ -34,7 +35,7 @@ import numbers
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Hashable, List, Mapping, Sequence
+from typing import Callable, Dict, Hashable, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -57,6 +58,7 @@ __all__ = [
     "time_inference",
     "time_batch_norm",
     "sync_bn_communication_bytes",
+    "resnet18_like",
 ]
 
 
@@ -303,3 +305,77 @@ def sync_bn_communication_bytes(num_features: int, world_size: int,
     fwd = 3 * num_features * 8 * (world_size - 1)
     bwd = int(round(2 * (world_size - 1) / world_size * 2 * num_features * gb))
     return {"forward": fwd, "backward": bwd, "total": fwd + bwd}
+
+
+class BasicBlock(nn.Module):
+    """ResNet's basic block (He et al. 2016, torchvision's layout): ``relu(bn2(conv2(relu(bn1(conv1(x))))) +
+    shortcut(x))``, the shortcut a 1x1 convolution + norm (``downsample``) when the stride or width changes."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, norm_layer) -> None:
+        super().__init__()
+        bias = norm_layer is None
+        norm = norm_layer or (lambda c: nn.Identity())
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=bias)
+        self.bn1 = norm(c_out)
+        self.relu = nn.ReLU()
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=bias)
+        self.bn2 = norm(c_out)
+        self.downsample = (nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=bias), norm(c_out))
+                           if stride != 1 or c_in != c_out else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        return self.relu(self.bn2(self.conv2(out)) + identity)
+
+
+class ResNetLike(nn.Module):
+    """ResNet-18's layout with chosen widths; see :func:`resnet18_like`."""
+
+    def __init__(self, widths: Sequence[int], blocks: Sequence[int], in_channels: int, num_classes: int,
+                 norm_layer) -> None:
+        super().__init__()
+        bias = norm_layer is None
+        self.conv1 = nn.Conv2d(in_channels, widths[0], 7, 2, 3, bias=bias)
+        self.bn1 = norm_layer(widths[0]) if norm_layer is not None else nn.Identity()
+        self.relu = nn.ReLU()
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        c_in = widths[0]
+        for i, (w, n) in enumerate(zip(widths, blocks)):
+            stage = [BasicBlock(c_in if j == 0 else w, w, (1 if i == 0 else 2) if j == 0 else 1, norm_layer)
+                     for j in range(n)]
+            self.add_module(f"layer{i + 1}", nn.Sequential(*stage))
+            c_in = w
+        self.n_stages = len(widths)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        for i in range(self.n_stages):
+            x = getattr(self, f"layer{i + 1}")(x)
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet18_like(widths: Sequence[int] = (8, 16, 32, 64), *, in_channels: int = 3, num_classes: int = 10,
+                  norm_layer: Optional[Callable[[int], nn.Module]] = nn.BatchNorm2d) -> nn.Module:
+    """A ResNet-18-shaped network with narrower stages: torchvision's ``resnet18`` layout (stem conv7x7/2 + norm
+    + ReLU + max-pool/2; 4 stages of 2 :class:`BasicBlock`; the first block of stages 2-4 halves the size and
+    has a conv1x1 + norm shortcut ``downsample``; global average pool; Linear), with ``widths`` channels per
+    stage (torchvision's are ``(64, 128, 256, 512)``). ``norm_layer(num_features)`` builds each norm (e.g.
+    ``torch.nn.BatchNorm2d`` or ``bnlib.torch.BatchNorm2d``): 20 of them, called from the blocks' ``forward``
+    (``self.bn1(self.conv1(x))``), 3 of them (the shortcuts') inside an ``nn.Sequential``. ``norm_layer=None``
+    gives the same network without normalization (convolutions with bias). Parameter names are torchvision's
+    (``layer2.0.downsample.0.weight``). Input ``(N, in_channels, H, W)``, e.g. 32x32 (the last stage is 1x1)."""
+    widths = tuple(widths) if isinstance(widths, (tuple, list)) else widths
+    if not isinstance(widths, tuple) or len(widths) != 4:
+        raise ValueError(f"widths: expected 4 channel counts (one per stage), got {widths!r}")
+    for w in widths:
+        _checks.check_positive_int("widths", w)
+    _checks.check_positive_int("in_channels", in_channels)
+    _checks.check_positive_int("num_classes", num_classes)
+    if norm_layer is not None and not callable(norm_layer):
+        raise TypeError(f"norm_layer: expected a callable num_features -> module or None, got "
+                        f"{type(norm_layer).__name__}")
+    return ResNetLike(widths, (2, 2, 2, 2), in_channels, num_classes, norm_layer)
+

@@ -10,6 +10,8 @@ Functions: :mod:`bnlib.torch.functional` (``batch_norm``, ``layer_norm``, ``rms_
 
 Tools: :func:`convert` (swap a model's ``torch.nn`` norm layers for bnlib's, keeping their state) and
 :func:`fold_batchnorm` (an inference copy with batch norms folded into the preceding Linear/Conv).
+Diagnostics (:mod:`bnlib.torch.diagnostics`): :class:`LayerStats` (per-layer activation and gradient
+statistics) and :class:`UpdateRatio` (the update:data ratio of each parameter tensor).
 
 GPU: ``VERIFIED_TRITON_ARCHS`` lists the GPU architectures on which the Triton batch-norm kernels were run
 and checked; ``backend='auto'`` uses them only there (see :func:`bnlib.torch.functional.batch_norm`).
@@ -23,6 +25,7 @@ from __future__ import annotations
 from . import functional
 from ._batch_norm import VERIFIED_TRITON_ARCHS, VerifiedArch
 from .convert import convert
+from .diagnostics import LayerStats, UpdateRatio, grad_data_ratios, update_ratio
 from .fold import FoldReport, fold_batchnorm
 from .ghost import GhostBatchNorm1d, GhostBatchNorm2d, ghost_batch_norm
 from .modules import (
@@ -51,6 +54,7 @@ __all__ = [
     "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchLayerNorm",
     "GhostBatchNorm1d", "GhostBatchNorm2d", "ghost_batch_norm",
     "convert", "fold_batchnorm", "FoldReport",
+    "LayerStats", "UpdateRatio", "update_ratio", "grad_data_ratios",
     "VERIFIED_TRITON_ARCHS", "VerifiedArch",
 ]
 

@@ -40,21 +40,25 @@ Running statistics follow PyTorch's convention (``running = (1 - momentum) * run
 unbiased variance stored, biased variance used to normalize). Argument checks run on every call: a cheap
 test of the common case first (:func:`quick_args_ok`), the full checks (with their messages) when it fails.
 
-The backward is ``once_differentiable``: double backward (gradients of gradients) is not supported.
+Higher order. A plain ``backward()`` takes the fast paths above. A backward that must itself be differentiable
+(``create_graph=True``: gradient penalties, Hessian-vector products) or that runs under ``torch.func``
+(``vmap``, ``grad``, per-sample gradients) is the same closed form in differentiable ops, the statistics
+recomputed from ``x`` (:func:`bn_backward_plain`); ``jvp`` (forward mode) is hand-derived too. The derivation,
+and why the backward and the forward-mode derivative are the same map, is in :mod:`bnlib.torch._autodiff`.
 
 The same core (:func:`bn_train_forward`, :func:`bn_backward`) serves ghost batch norm (``k`` virtual batches,
 each with its own statistics), batch renormalization and batch layer normalization.
 """
 from __future__ import annotations
 
-import functools
 import warnings
 from typing import NamedTuple, Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _checks
+from . import _autodiff as ad
+from ._autodiff import higher_order, transforms_active
 from ._common import (
     cast_like,
     channel_view,
@@ -109,27 +113,14 @@ def _pview(t: Optional[torch.Tensor], nd: int, grouped: bool) -> Optional[torch.
     return t.reshape((1, C) + (1,) * (nd - 2))
 
 
-def _once_differentiable(fn):
-    """``torch.autograd.function.once_differentiable`` without its ``no_grad`` context when autograd is off
-    already (a plain ``backward()``; the context costs about as much as two tensor ops on small inputs). With
-    ``create_graph=True`` it is torch's wrapper: the same error on a second differentiation."""
-    slow = once_differentiable(fn)
-
-    @functools.wraps(fn)
-    def wrapper(ctx, *args):
-        if torch.is_grad_enabled():
-            return slow(ctx, *args)
-        return fn(ctx, *args)
-
-    return wrapper
-
-
 _CONSTS: dict = {}
 
 
 def _const(value: float, dtype: torch.dtype) -> torch.Tensor:
     """``value`` as a cached 0-d CPU tensor of ``dtype``. An op with it costs about half one with a Python float
     (no scalar tensor is made per call) when ``dtype`` is the other operand's; it works on any device."""
+    if torch.compiler.is_compiling():  # a constant of the graph (dynamo would guard on the cache's contents)
+        return torch.tensor(value, dtype=dtype)
     key = (value, dtype)
     t = _CONSTS.get(key)
     if t is None:
@@ -410,44 +401,106 @@ def bn_backward(dy: torch.Tensor, x: torch.Tensor, k: int, mean: torch.Tensor, i
     return dx, s1.reshape(k, C), sum_dy_xhat
 
 
+def _bn_layout(x: torch.Tensor, training: bool):
+    """``(small, kd, dims, M)`` for an input: the small path (training, at most ``SMALL_NUMEL`` values, or any
+    size inside a ``torch.func`` transform, where the chunked path's ``out=`` ops and data-dependent branch are
+    not allowed), whether statistics keep their dims (input with spatial dims), the reduced dims, and the
+    number of values per channel."""
+    nd = x.dim()
+    numel = x.numel()
+    C = x.shape[1]
+    small = training and 0 < numel and (numel <= SMALL_NUMEL or transforms_active())
+    return small, nd > 2, _RDIMS[nd, False], numel // C if numel else 0
+
+
+def bn_backward_plain(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], training: bool,
+                      eps: float, mean: Optional[torch.Tensor], invstd: Optional[torch.Tensor], need_dx: bool,
+                      need_w: bool, need_b: bool):
+    """``(dx, dweight, dbias)`` of batch norm in differentiable ops (see :mod:`bnlib.torch._autodiff`): in
+    training the statistics are recomputed from ``x``, so the result can be differentiated again; in evaluation
+    ``mean``, ``invstd`` (per channel, broadcasting) are the constant running statistics."""
+    cd = compute_dtype(x)
+    nd = x.dim()
+    dims = _RDIMS[nd, False]
+    shape = (1, x.shape[1]) + (1,) * (nd - 2)
+    xc, dyc, w = ad.cast(x, cd), ad.cast(dy, cd), ad.cast(weight, cd)
+    w = None if w is None else w.view(shape)
+    if training:
+        xhat, invstd = ad.standardize(xc, dims, eps)
+    else:
+        mean, invstd = mean.view(shape), invstd.view(shape)
+        xhat = (xc - mean) * invstd
+    dx = None
+    if need_dx:
+        g = dyc if w is None else dyc * w
+        dx = ad.cast(ad.project(g, xhat, invstd, dims) if training else g * invstd, x.dtype)
+    dw, db = ad.affine_grads(dyc, xhat, dims, need_w, need_b)
+    return dx, dw, db
+
+
+def bn_jvp(x: torch.Tensor, weight, training: bool, eps: float, mean, invstd, x_dot, w_dot, b_dot):
+    """The forward-mode derivative of batch norm: ``ydot = gamma * P(xdot) + gammadot * xhat + betadot``, with
+    ``P(u) = invstd * (u - mean(u) - xhat * mean(xhat * u))`` in training and ``invstd * u`` in evaluation."""
+    cd = compute_dtype(x)
+    nd = x.dim()
+    dims = _RDIMS[nd, False]
+    shape = (1, x.shape[1]) + (1,) * (nd - 2)
+
+    def per_channel(t):
+        return None if t is None else ad.cast(t, cd).view(shape)
+
+    xc = ad.cast(x, cd)
+    if training:
+        xhat, invstd = ad.standardize(xc, dims, eps)
+    else:
+        mean, invstd = mean.view(shape), invstd.view(shape)
+        xhat = (xc - mean) * invstd
+    xhat_dot = None
+    if x_dot is not None:
+        u = ad.cast(x_dot, cd)
+        xhat_dot = ad.project(u, xhat, invstd, dims) if training else u * invstd
+    y_dot = ad.affine_tangent(xhat_dot, xhat, per_channel(weight), per_channel(w_dot), per_channel(b_dot))
+    return ad.cast(y_dot, x.dtype)
+
+
 class BatchNormFunction(torch.autograd.Function):
     """Batch norm as one autograd node: forward computes the statistics (training) or uses the running ones
     (evaluation) and updates the running statistics in training; backward is the closed form above.
 
-    Saved for backward: small inputs in training, ``x - mean`` and the per-channel ``invstd``, ``var + eps`` and
-    ``scale``; otherwise ``x`` and the per-channel ``mean``, ``invstd`` and ``scale``. Per-channel values have
-    shape ``(1, C, 1, ...)``, except on the small path for 2-d input: ``(C,)`` (they broadcast as they are)."""
+    ``forward`` returns ``(y, *saved)``: besides the output, what the backward needs (marked
+    non-differentiable): small inputs in training, ``x - mean`` and the per-channel ``invstd``, ``var + eps``
+    and ``scale``; otherwise the per-channel ``mean``, ``invstd`` and ``scale``. Per-channel values have shape
+    ``(1, C, 1, ...)``, except on the small path for 2-d input: ``(C,)`` (they broadcast as they are). The
+    separate ``setup_context`` and ``generate_vmap_rule`` make it usable under ``torch.func`` (``vmap``,
+    ``grad``, ``jvp``); ``jvp`` is the hand-derived forward-mode derivative and a backward that must itself be
+    differentiable (``create_graph=True``, ``torch.func``) is :func:`bn_backward_plain`."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, training, momentum, eps, unbiased=True):
+    def forward(x, weight, bias, running_mean, running_var, training, momentum, eps, unbiased=True):
         cd = torch.float64 if x.dtype == torch.float64 else torch.float32
         nd = x.dim()
         C = x.shape[1]
-        numel = x.numel()
-        kd = nd > 2  # reduce with keepdim (broadcasting views) unless the input is (N, C)
-        dims = _RDIMS[nd, False]
+        small, kd, dims, M = _bn_layout(x, training)
         w = None if weight is None else (weight if weight.dtype == cd else weight.to(cd))
         b = None if bias is None else (bias if bias.dtype == cd else bias.to(cd))
         if kd:
             shape = (1, C) + (1,) * (nd - 2)
             w = None if w is None else w.view(shape)
             b = None if b is None else b.view(shape)
-        M = numel // C if numel else 0
-        small = training and 0 < numel <= SMALL_NUMEL
-        ctx.meta = (small, training, kd, dims, max(M, 1), x.dtype, None if weight is None else weight.dtype,
-                    None if bias is None else bias.dtype)
         if small:
             mean, q, xmu = _moments_small(x if x.dtype == cd else x.to(cd), dims, M, kd)
             v = torch.addcmul(_const(eps, cd), q, _const(1.0 / M, cd))  # var + eps = q / M + eps
             invstd = v.rsqrt()
             scale = invstd if w is None else invstd * w
             y = _affine(xmu, scale, b)
-            ctx.save_for_backward(xmu, invstd, v, scale)
+            saved = (xmu, invstd, v, scale)
             if running_mean is not None:  # var = q / M; unbiased q / (M - 1) (Keras' convention: biased)
                 var = q.mul_(_const(1.0 / (M - 1 if unbiased else M), cd)) if M > 1 else q
                 if kd:
                     mean, var = mean.view(C), var.view(C)
-                if running_mean.dtype == running_var.dtype == mean.dtype:
+                if running_mean.dtype == running_var.dtype == mean.dtype and not transforms_active():
                     torch._foreach_lerp_((running_mean, running_var), (mean, var), momentum)
                 else:
                     update_running_stats_(running_mean, running_var, mean, var, 1, momentum)
@@ -458,35 +511,50 @@ class BatchNormFunction(torch.autograd.Function):
             scale = invstd if w is None else invstd * w
             shift = (corr * scale).neg_() if b is None else torch.addcmul(b, corr, scale, value=-1.0)
             y = _affine_large(x, dims, m0, scale, shift, y)
-            ctx.save_for_backward(x, mean, invstd, scale)
-            if running_mean is not None:
+            saved = (mean, invstd, scale)
+            if running_mean is not None and M > 0:  # an empty batch leaves them as they are (as torch does)
                 update_running_stats_(running_mean, running_var, mean.view(C), var.view(C), M if unbiased else 1,
                                       momentum)
         else:
             shape = (1, C) + (1,) * (nd - 2)
             mean = running_mean.to(cd).view(shape)
-            invstd = (running_var.to(cd) + eps).rsqrt_().view(shape)
+            invstd = (running_var.to(cd) + eps).rsqrt().view(shape)
             scale = invstd if w is None else invstd * w
-            shift = (mean * scale).neg_() if b is None else torch.addcmul(b, mean, scale, value=-1.0)
+            shift = (mean * scale).neg() if b is None else torch.addcmul(b, mean, scale, value=-1.0)
             y = torch.addcmul(shift, x, scale)
-            ctx.save_for_backward(x, mean, invstd, scale)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+            saved = (mean, invstd, scale)
+        return (y if y.dtype == x.dtype else y.to(x.dtype),) + saved
 
     @staticmethod
-    @_once_differentiable
-    def backward(ctx, dy):
+    def setup_context(ctx, inputs, output):
+        x, weight, bias, _, _, training, _, eps = inputs[:8]
+        saved = output[1:]
+        ctx.mark_non_differentiable(*saved)
+        small, kd, dims, M = _bn_layout(x, training)
+        ctx.meta = (small, training, kd, dims, max(M, 1), x.dtype, None if weight is None else weight.dtype,
+                    None if bias is None else bias.dtype, eps, len(saved))
+        ctx.save_for_backward(x, weight, *saved)
+        ctx.save_for_forward(x, weight, *saved)
+
+    @staticmethod
+    def backward(ctx, dy, *_):
         need_dx, need_w, need_b = ctx.needs_input_grad[:3]
-        small, training, kd, dims, M, x_dtype, w_dtype, b_dtype = ctx.meta
+        small, training, kd, dims, M, x_dtype, w_dtype, b_dtype, eps, _ = ctx.meta
         dx = dw = db = None
+        if higher_order():
+            x, weight, *saved = ctx.saved_tensors
+            mean, invstd = (None, None) if training else saved[:2]
+            dx, dw, db = bn_backward_plain(dy, x, weight, training, eps, mean, invstd, need_dx, need_w, need_b)
+            return (dx, ad.cast(dw, w_dtype), ad.cast(db, b_dtype)) + (None,) * 6
         if small:
-            xmu, invstd, v, scale = ctx.saved_tensors
+            _, _, xmu, invstd, v, scale = ctx.saved_tensors
             dyc = dy if dy.dtype == xmu.dtype else dy.to(xmu.dtype)
             s1 = dyc.sum(dims, keepdim=kd)
             s2 = (dyc * xmu).sum(dims, keepdim=kd) if (need_dx or need_w) else None
             if need_dx:
                 dx = _dx_small(dyc, xmu, s1, s2, v, scale, M)
         else:  # per-channel values have shape (1, C, 1, ...) here
-            x, mean, invstd, scale = ctx.saved_tensors
+            x, _, mean, invstd, scale = ctx.saved_tensors
             out = torch.empty_like(x) if (need_dx and training) else None
             s1, s2 = _backward_sums_large(dy, x, dims, mean, mean.dtype, need_w or (training and need_dx), out)
             if need_dx:
@@ -504,6 +572,16 @@ class BatchNormFunction(torch.autograd.Function):
             db = s1.view(-1) if s1.dim() > 1 else s1
             db = db if db.dtype == b_dtype else db.to(b_dtype)
         return dx, dw, db, None, None, None, None, None, None  # (trailing Nones beyond the inputs are allowed)
+
+    @staticmethod
+    def jvp(ctx, x_dot, w_dot, b_dot, *_):
+        small, training, kd, dims, M, x_dtype, w_dtype, b_dtype, eps, n_saved = ctx.meta
+        x, weight, *saved = ctx.saved_tensors
+        mean, invstd = (None, None) if training else saved[:2]
+        return (bn_jvp(x, weight, training, eps, mean, invstd, x_dot, w_dot, b_dot),) + (None,) * n_saved
+
+
+_BatchNormFunctionCompiled = ad.compile_twin(BatchNormFunction)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -566,7 +644,7 @@ def _use_triton(x: torch.Tensor, backend: str) -> bool:
     if backend == "torch":
         return False
     capability = _cuda_capability(x)
-    if backend == "auto" and capability is None:
+    if (backend == "auto" and capability is None) or transforms_active():  # torch.func: the torch-ops path
         return False
     mod = _triton_module()
     available = mod is not None and bool(mod.is_available(x))
@@ -591,14 +669,18 @@ class _TritonBatchNormFunction(torch.autograd.Function):
             cd = compute_dtype(x)
             save_mean = running_mean.to(cd)
             save_invstd = torch.rsqrt(running_var.to(cd) + eps)
-        ctx.training = training
+        ctx.training, ctx.eps = training, eps
         save_norm_context(ctx, x, weight, bias, save_mean, save_invstd)
         return y
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, dy):
         x, weight, mean, invstd, need_dx, need_w, need_b = saved_norm_context(ctx)
+        if higher_order():  # create_graph=True: the closed form in differentiable ops
+            dx, dw, db = bn_backward_plain(dy, x, weight, ctx.training, ctx.eps, mean, invstd, need_dx, need_w,
+                                           need_b)
+            return dx, cast_like(dw, None if weight is None else weight.dtype), cast_like(db, ctx.bias_dtype), \
+                None, None, None, None, None
         if ctx.training:
             mod = _triton_module()
             dx, dw, db = mod.batch_norm_backward(dy, x, weight, mean, invstd)
@@ -651,6 +733,7 @@ def check_batch_norm_args(input, running_mean, running_var, weight, bias, traini
                     ("bias", bias)):
         check_param(name, t, input, C=C)
     if training:
+        _checks.check_training_eps(eps)
         _checks.check_training_size(tuple(input.shape))
     if not check_momentum:
         return 0.0
@@ -696,12 +779,13 @@ def apply_batch_norm(input, running_mean, running_var, weight, bias, training: b
         if backend == "triton":
             raise ValueError("convention: expected 'torch' with backend='triton' (the Triton kernels store the "
                              "unbiased variance), got 'keras'")
-        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum, eps,
-                                       False)
+        return ad.apply(BatchNormFunction, _BatchNormFunctionCompiled, input, weight, bias, running_mean,
+                        running_var, training, momentum, eps, False)[0]
     if backend != "torch" and _use_triton(input, backend):
         return _TritonBatchNormFunction.apply(input, weight, bias, running_mean, running_var, training,
                                               momentum, eps)
-    return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, training, momentum, eps)
+    return ad.apply(BatchNormFunction, _BatchNormFunctionCompiled, input, weight, bias, running_mean, running_var,
+                    training, momentum, eps, True)[0]
 
 
 def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], running_var: Optional[torch.Tensor],
@@ -732,9 +816,10 @@ def batch_norm(input: torch.Tensor, running_mean: Optional[torch.Tensor], runnin
     the *biased* batch variance. The normalization itself is the same. (The NumPy twin:
     :func:`bnlib.numpy.keras_batch_norm` and ``bnlib.numpy.BatchNorm*d(..., convention='keras')``.)
 
-    The backward pass is the hand-derived closed form (see the module docstring); it is
-    ``once_differentiable`` (no double backward). float16/bfloat16 input is computed in float32 (means
-    accumulated in float64), output in the input dtype. Bad input raises before running statistics change.
+    The backward pass is the hand-derived closed form (see the module docstring), differentiable again
+    (``create_graph=True``), with a hand-derived ``jvp`` and usable under ``torch.func``. float16/bfloat16 input
+    is computed in float32 (means accumulated in float64), output in the input dtype. Bad input raises before
+    running statistics change.
     """
     if convention != "torch":
         _check_convention(convention, momentum)

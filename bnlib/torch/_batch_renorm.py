@@ -74,6 +74,6 @@ def batch_renorm(input: torch.Tensor, running_mean: torch.Tensor, running_var: t
                                      num_batches_tracked)
     r_max, d_max = _checks.check_renorm_limits(r_max, d_max)
     if not training:
-        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, False, momentum, eps)
+        return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, False, momentum, eps)[0]
     return BatchRenormFunction.apply(input, weight, bias, running_mean, running_var, momentum, eps, r_max,
                                      d_max)

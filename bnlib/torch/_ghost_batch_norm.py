@@ -76,7 +76,7 @@ def ghost_batch_norm(input: Tensor, running_mean: Optional[Tensor], running_var:
     v = _checks.check_positive_int("virtual_batch_size", virtual_batch_size)
     if not training:
         return BatchNormFunction.apply(input, weight, bias, running_mean, running_var, False,
-                                       0.0 if momentum is None else momentum, eps)
+                                       0.0 if momentum is None else momentum, eps)[0]
     N = input.shape[0]
     k, rest = divmod(N, v)
     if k == 0:

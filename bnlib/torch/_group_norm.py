@@ -12,17 +12,18 @@ Backward, with per-(sample, channel) sums over space ``s1 = sum(dy)``, ``s2 = su
     c = -\text{invstd}\,S_1/K - b\mu ,\qquad d\gamma_c = \textstyle\sum_n \text{invstd}\, s_2,\;
     d\beta_c = \sum_n s_1 .
 
-Instance normalization is the case ``G = C``. ``once_differentiable``: no double backward.
+Instance normalization is the case ``G = C``. Differentiable again, ``jvp`` and ``torch.func``: see
+:mod:`bnlib.torch._autodiff`.
 """
 from __future__ import annotations
 
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _checks
-from ._common import cast_like, check_input, check_param, compute_dtype, save_norm_context, saved_norm_context
+from . import _autodiff as ad
+from ._common import cast_like, check_input, check_param, compute_dtype
 
 __all__ = ["group_norm"]
 
@@ -32,12 +33,21 @@ def _nc_sum(t: torch.Tensor) -> torch.Tensor:
     N, C = t.shape[0], t.shape[1]
     if t.dim() == 2:
         return t
+    S = _spatial(t)
     if t.is_contiguous():
-        return t.view(N, C, -1).sum(-1)
+        return t.view(N, C, S).sum(-1)
     last = t.movedim(1, -1)
     if last.is_contiguous():
-        return last.reshape(N, -1, C).sum(1)
-    return t.reshape(N, C, -1).sum(-1)
+        return last.reshape(N, S, C).sum(1)
+    return t.reshape(N, C, S).sum(-1)
+
+
+def _spatial(t: torch.Tensor) -> int:
+    """The number of spatial positions of an (N, C, *) tensor (explicit, so that empty batches reshape)."""
+    S = 1
+    for s in t.shape[2:]:
+        S *= s
+    return S
 
 
 def _nc_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -47,10 +57,10 @@ def _nc_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
 def gn_stats(xc: torch.Tensor, G: int, eps: float):
     """Per (sample, group) mean and biased variance, shape (N, G), by two passes."""
     N = xc.shape[0]
-    xg = xc.reshape(N, G, -1)
-    K = xg.shape[-1]
-    mean = xg.sum(-1) / K
-    var = torch.linalg.vector_norm(xg - mean.unsqueeze(-1), dim=-1).square() / K
+    K = (xc.shape[1] // G) * _spatial(xc)
+    xg = xc.reshape(N, G, K)
+    mean = xg.sum(-1) / max(K, 1)
+    var = torch.linalg.vector_norm(xg - mean.unsqueeze(-1), dim=-1).square() / max(K, 1)
     return mean, var
 
 
@@ -104,27 +114,88 @@ def gn_backward(dy, x, G, mean, invstd, weight, need_dx, need_w, need_b):
     return dx, dw, db
 
 
+def gn_plain(x: torch.Tensor, G: int, eps: float):
+    """``(xhat_g, invstd)``: the standardized input in the grouped layout ``(N, G, K)`` and ``(N, G, 1)``,
+    differentiable (:mod:`bnlib.torch._autodiff`)."""
+    xc = ad.cast(x, compute_dtype(x))
+    return ad.standardize(xc.reshape(x.shape[0], G, (x.shape[1] // G) * _spatial(x)), (-1,), eps)
+
+
+def gn_backward_plain(dy, x, G, weight, bias_dtype, eps, need_dx, need_w, need_b):
+    """``(dx, dweight, dbias)`` in differentiable ops: ``dx = P(gamma * dy)`` per (sample, group)."""
+    cd = compute_dtype(x)
+    xhat_g, invstd = gn_plain(x, G, eps)
+    xhat = xhat_g.reshape(x.shape)
+    dyc = ad.cast(dy, cd)
+    w = None if weight is None else ad.cast(weight, cd).reshape((1, -1) + (1,) * (x.dim() - 2))
+    dx = None
+    if need_dx:
+        g = (dyc if w is None else dyc * w).reshape(xhat_g.shape)
+        dx = ad.cast(ad.project(g, xhat_g, invstd, (-1,)).reshape(x.shape), x.dtype)
+    dw, db = ad.affine_grads(dyc, xhat, (0,) + tuple(range(2, x.dim())), need_w, need_b)
+    return dx, ad.cast(dw, None if weight is None else weight.dtype), ad.cast(db, bias_dtype)
+
+
+def gn_jvp(x, G, weight, eps, x_dot, w_dot, b_dot):
+    """Forward-mode derivative: ``ydot = gamma * P(xdot) + gammadot * xhat + betadot``."""
+    cd = compute_dtype(x)
+    xhat_g, invstd = gn_plain(x, G, eps)
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+
+    def per_channel(t):
+        return None if t is None else ad.cast(t, cd).reshape(shape)
+
+    xhat_dot = None
+    if x_dot is not None:
+        u = ad.cast(x_dot, cd).reshape(xhat_g.shape)
+        xhat_dot = ad.project(u, xhat_g, invstd, (-1,)).reshape(x.shape)
+    y_dot = ad.affine_tangent(xhat_dot, xhat_g.reshape(x.shape), per_channel(weight), per_channel(w_dot),
+                              per_channel(b_dot))
+    return ad.cast(y_dot, x.dtype)
+
+
 class GroupNormFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, G, weight, bias, eps):
-        y, mean, var = gn_forward(x, G, weight, bias, eps)
-        invstd = torch.rsqrt(var + eps)
-        ctx.G = G
-        save_norm_context(ctx, x, weight, bias, mean, invstd)
-        return y
+    """One autograd node; ``forward`` returns ``(y, mean, invstd)`` (per (sample, group), non-differentiable).
+    Double backward, ``torch.func`` and ``jvp``: see :mod:`bnlib.torch._autodiff`."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, weight, mean, invstd, need_dx, need_w, need_b = saved_norm_context(ctx, grad_slots=(0, 2, 3))
+    def forward(x, G, weight, bias, eps):
+        y, mean, var = gn_forward(x, G, weight, bias, eps)
+        return y, mean, torch.rsqrt(var + eps)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        x, G, weight, bias, eps = inputs
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.G, ctx.eps = G, eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, weight, *output[1:])
+        ctx.save_for_forward(x, weight)
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        x, weight, mean, invstd = ctx.saved_tensors
+        need_dx, need_w, need_b = (ctx.needs_input_grad[i] for i in (0, 2, 3))
+        if ad.higher_order():
+            dx, dw, db = gn_backward_plain(dy, x, ctx.G, weight, ctx.bias_dtype, ctx.eps, need_dx, need_w, need_b)
+            return dx, None, dw, db, None
         dx, dw, db = gn_backward(dy, x, ctx.G, mean, invstd, weight, need_dx, need_w, need_b)
         return dx, None, dw, cast_like(db, ctx.bias_dtype) if need_b else None, None
+
+    @staticmethod
+    def jvp(ctx, x_dot, _, w_dot, b_dot, __):
+        x, weight = ctx.saved_tensors
+        return gn_jvp(x, ctx.G, weight, ctx.eps, x_dot, w_dot, b_dot), None, None
+
+
+_GroupNormFunctionCompiled = ad.compile_twin(GroupNormFunction)
 
 
 def check_group_norm_args(input, num_groups, weight, bias, eps):
     check_input(input)
-    if input.dim() < 2:
-        raise ValueError(f"expected input with at least 2 dimensions (N, C, *), got {input.dim()}-D input")
+    _checks.check_min_ndim(input.dim(), 2, layout="(N, C, *)")
     C = input.shape[1]
     G = _checks.check_num_groups(num_groups, C)
     check_param("weight", weight, input, C=C)
@@ -136,6 +207,6 @@ def check_group_norm_args(input, num_groups, weight, bias, eps):
 def group_norm(input: torch.Tensor, num_groups: int, weight: Optional[torch.Tensor] = None,
                bias: Optional[torch.Tensor] = None, eps: float = 1e-5) -> torch.Tensor:
     """Group normalization of an ``(N, C, *)`` input, drop-in for :func:`torch.nn.functional.group_norm`
-    (hand-derived backward, ``once_differentiable``)."""
+    (hand-derived backward and forward-mode derivative)."""
     G = check_group_norm_args(input, num_groups, weight, bias, eps)
-    return GroupNormFunction.apply(input, G, weight, bias, eps)
+    return ad.apply(GroupNormFunction, _GroupNormFunctionCompiled, input, G, weight, bias, eps)[0]

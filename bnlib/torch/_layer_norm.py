@@ -12,52 +12,84 @@ over the normalized dimensions:
     dx = \text{invstd}\,\big(g - \overline{g} - \hat x\,\overline{g\hat x}\big),\quad
     d\gamma = \textstyle\sum_{\text{batch}} dy\,\hat x,\quad d\beta = \sum_{\text{batch}} dy .
 
-``once_differentiable``: no double backward. Statistics in float32 for float16/bfloat16 input.
+Differentiable again, ``jvp`` and ``torch.func``: :mod:`bnlib.torch._autodiff`. Statistics in float32 for
+float16/bfloat16 input.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _checks
-from ._common import cast_like, check_input, check_param, compute_dtype, save_norm_context, saved_norm_context
+from . import _autodiff as ad
+from ._common import cast_like, check_input, check_param, compute_dtype
 
 __all__ = ["layer_norm"]
 
 
+def _ln_dims(x: torch.Tensor, D: int):
+    """``(dims, batch_dims, K)``: the normalized (trailing ``D``) dims, the others, values per sample."""
+    K = 1
+    for s in x.shape[x.dim() - D:]:
+        K *= s
+    return tuple(range(-D, 0)), tuple(range(x.dim() - D)), K
+
+
+def _ln_plain(x, D, weight, eps):
+    """``(xhat, invstd, w)`` in the compute dtype, differentiable (:mod:`bnlib.torch._autodiff`)."""
+    cd = compute_dtype(x)
+    xhat, invstd = ad.standardize(ad.cast(x, cd), tuple(range(-D, 0)), eps)
+    return xhat, invstd, ad.cast(weight, cd)
+
+
 class LayerNormFunction(torch.autograd.Function):
+    """One autograd node; ``forward`` returns ``(y, mean, invstd)`` (the statistics non-differentiable, kept for
+    the backward). Double backward, ``torch.func`` and ``jvp``: see :mod:`bnlib.torch._autodiff`."""
+
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, D, weight, bias, eps):
+    def forward(x, D, weight, bias, eps):
         cd = compute_dtype(x)
         xc = x if x.dtype == cd else x.to(cd)
-        dims = tuple(range(-D, 0))
-        K = 1
-        for s in x.shape[x.dim() - D:]:
-            K *= s
-        mean = xc.sum(dims, keepdim=True) / K
+        dims, _, K = _ln_dims(x, D)
+        mean = xc.sum(dims, keepdim=True) / max(K, 1)
         buf = xc - mean
-        var = torch.linalg.vector_norm(buf, dim=dims, keepdim=True).square() / K
+        var = torch.linalg.vector_norm(buf, dim=dims, keepdim=True).square() / max(K, 1)
         invstd = torch.rsqrt(var + eps)
         buf.mul_(invstd)
         if weight is not None:
             buf.mul_(cast_like(weight, cd))
         if bias is not None:
             buf.add_(cast_like(bias, cd))
-        ctx.D, ctx.K = D, K
-        save_norm_context(ctx, x, weight, bias, mean, invstd)
-        return buf if buf.dtype == x.dtype else buf.to(x.dtype)
+        return (buf if buf.dtype == x.dtype else buf.to(x.dtype)), mean, invstd
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
-        x, weight, mean, invstd, need_dx, need_w, need_b = saved_norm_context(ctx, grad_slots=(0, 2, 3))
+    def setup_context(ctx, inputs, output):
+        x, D, weight, bias, eps = inputs
+        _, mean, invstd = output
+        ctx.mark_non_differentiable(mean, invstd)
+        ctx.D, ctx.eps = D, eps
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(x, weight, mean, invstd)
+        ctx.save_for_forward(x, weight)
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        x, weight, mean, invstd = ctx.saved_tensors
+        need_dx, need_w, need_b = (ctx.needs_input_grad[i] for i in (0, 2, 3))
         cd = mean.dtype
-        D, K = ctx.D, ctx.K
-        dims = tuple(range(-D, 0))
-        batch_dims = tuple(range(x.dim() - D))
+        D = ctx.D
+        dims, batch_dims, K = _ln_dims(x, D)
         dyc = dy if dy.dtype == cd else dy.to(cd)
+        if ad.higher_order():  # differentiable again (create_graph=True) and usable under torch.func
+            xhat, invstd, w = _ln_plain(x, D, weight, ctx.eps)
+            dx = None
+            if need_dx:
+                dx = ad.cast(ad.project(dyc if w is None else dyc * w, xhat, invstd, dims), x.dtype)
+            dw, db = ad.affine_grads(dyc, xhat, batch_dims, need_w, need_b)
+            return dx, None, ad.cast(dw, None if weight is None else weight.dtype), ad.cast(db, ctx.bias_dtype), None
         xc = x if x.dtype == cd else x.to(cd)
         xhat = (xc - mean).mul_(invstd)
         dx = dw = db = None
@@ -70,22 +102,34 @@ class LayerNormFunction(torch.autograd.Function):
             db = cast_like(dyc.sum(batch_dims) if batch_dims else dyc, ctx.bias_dtype)
         if need_dx:
             g = dyc if weight is None else dyc * cast_like(weight, cd)
-            mean_g = g.sum(dims, keepdim=True) / K
-            mean_gx = (g * xhat).sum(dims, keepdim=True) / K
+            mean_g = g.sum(dims, keepdim=True) / max(K, 1)
+            mean_gx = (g * xhat).sum(dims, keepdim=True) / max(K, 1)
             # dx = invstd * (g - mean_g - xhat * mean_gx), in place on xhat
             dx = xhat.mul_(-mean_gx).add_(g).sub_(mean_g).mul_(invstd)
             dx = dx if dx.dtype == x.dtype else dx.to(x.dtype)
         return dx, None, dw, db, None
+
+    @staticmethod
+    def jvp(ctx, x_dot, _, w_dot, b_dot, __):
+        x, weight = ctx.saved_tensors
+        cd = compute_dtype(x)
+        xhat, invstd, w = _ln_plain(x, ctx.D, weight, ctx.eps)
+        xhat_dot = None if x_dot is None else ad.project(ad.cast(x_dot, cd), xhat, invstd, tuple(range(-ctx.D, 0)))
+        y_dot = ad.affine_tangent(xhat_dot, xhat, w, ad.cast(w_dot, cd), ad.cast(b_dot, cd))
+        return ad.cast(y_dot, x.dtype), None, None
+
+
+_LayerNormFunctionCompiled = ad.compile_twin(LayerNormFunction)
 
 
 def layer_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]],
                weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None,
                eps: float = 1e-5) -> torch.Tensor:
     """Layer normalization over the trailing ``normalized_shape`` dimensions, drop-in for
-    :func:`torch.nn.functional.layer_norm` (hand-derived backward, ``once_differentiable``)."""
+    :func:`torch.nn.functional.layer_norm` (hand-derived backward and forward-mode derivative)."""
     check_input(input)
     ns = _checks.check_normalized_shape(normalized_shape, tuple(input.shape))
     check_param("weight", weight, input, shape=ns)
     check_param("bias", bias, input, shape=ns)
     _checks.check_eps(eps)
-    return LayerNormFunction.apply(input, len(ns), weight, bias, eps)
+    return ad.apply(LayerNormFunction, _LayerNormFunctionCompiled, input, len(ns), weight, bias, eps)[0]

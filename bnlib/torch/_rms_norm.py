@@ -16,51 +16,72 @@ normalized dimensions (layer norm's formula without its ``- mean(g)`` term: no m
 
 ``eps=None`` is PyTorch's default: the machine epsilon of the computation (opmath) dtype, i.e.
 ``torch.finfo(torch.float32).eps`` for float32, float16 and bfloat16 input and ``torch.finfo(torch.float64).eps``
-for float64 input. ``once_differentiable``: no double backward. Statistics in float32 for float16/bfloat16 input.
+for float64 input. Differentiable again, ``jvp`` and ``torch.func``: :mod:`bnlib.torch._autodiff`. Statistics in
+float32 for float16/bfloat16 input.
 """
 from __future__ import annotations
 
 from typing import Optional, Sequence, Union
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from .. import _checks
+from . import _autodiff as ad
 from ._common import cast_like, check_input, check_param, compute_dtype
 
 __all__ = ["rms_norm"]
 
 
 class RMSNormFunction(torch.autograd.Function):
+    """One autograd node; ``forward`` returns ``(y, invrms)`` (non-differentiable, kept for the backward).
+    ``eps`` is resolved (``None``: the machine epsilon) before the call. Double backward, ``torch.func`` and
+    ``jvp``: see :mod:`bnlib.torch._autodiff` (no centring: ``P(u) = invrms * (u - xhat * mean(xhat * u))``)."""
+
+    generate_vmap_rule = True
+
     @staticmethod
-    def forward(ctx, x, D, weight, eps):
+    def forward(x, D, weight, eps):
         cd = compute_dtype(x)
         xc = x if x.dtype == cd else x.to(cd)
         dims = tuple(range(-D, 0))
         K = 1
         for s in x.shape[x.dim() - D:]:
             K *= s
-        if eps is None:
-            eps = torch.finfo(cd).eps
         ms = torch.linalg.vector_norm(xc, dim=dims, keepdim=True).square() / K
         invrms = torch.rsqrt(ms + eps)
         y = xc * invrms
         if weight is not None:
             y.mul_(cast_like(weight, cd))
-        ctx.D, ctx.K = D, K
-        ctx.save_for_backward(x, weight, invrms)
-        return y if y.dtype == x.dtype else y.to(x.dtype)
+        return (y if y.dtype == x.dtype else y.to(x.dtype)), invrms
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx, dy):
+    def setup_context(ctx, inputs, output):
+        x, D, weight, eps = inputs
+        ctx.mark_non_differentiable(output[1])
+        ctx.D, ctx.eps = D, eps
+        ctx.save_for_backward(x, weight, output[1])
+        ctx.save_for_forward(x, weight)
+
+    @staticmethod
+    def backward(ctx, dy, *_):
         x, weight, invrms = ctx.saved_tensors
         need_dx, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[2]
         cd = invrms.dtype
-        D, K = ctx.D, ctx.K
+        D = ctx.D
         dims = tuple(range(-D, 0))
         batch_dims = tuple(range(x.dim() - D))
         dyc = dy if dy.dtype == cd else dy.to(cd)
+        if ad.higher_order():  # differentiable again (create_graph=True) and usable under torch.func
+            xhat, invrms = ad.standardize(ad.cast(x, cd), dims, ctx.eps, center=False)
+            w = ad.cast(weight, cd)
+            dx = None
+            if need_dx:
+                dx = ad.cast(ad.project(dyc if w is None else dyc * w, xhat, invrms, dims, center=False), x.dtype)
+            dw, _ = ad.affine_grads(dyc, xhat, batch_dims, need_w, False)
+            return dx, None, ad.cast(dw, None if weight is None else weight.dtype), None
+        K = 1
+        for s in x.shape[x.dim() - D:]:
+            K *= s
         xhat = (x if x.dtype == cd else x.to(cd)) * invrms
         dx = dw = None
         if need_w:
@@ -76,11 +97,24 @@ class RMSNormFunction(torch.autograd.Function):
             dx = dx if dx.dtype == x.dtype else dx.to(x.dtype)
         return dx, None, dw, None
 
+    @staticmethod
+    def jvp(ctx, x_dot, _, w_dot, __):
+        x, weight = ctx.saved_tensors
+        cd = compute_dtype(x)
+        dims = tuple(range(-ctx.D, 0))
+        xhat, invrms = ad.standardize(ad.cast(x, cd), dims, ctx.eps, center=False)
+        xhat_dot = None if x_dot is None else ad.project(ad.cast(x_dot, cd), xhat, invrms, dims, center=False)
+        y_dot = ad.affine_tangent(xhat_dot, xhat, ad.cast(weight, cd), ad.cast(w_dot, cd), None)
+        return ad.cast(y_dot, x.dtype), None
+
+
+_RMSNormFunctionCompiled = ad.compile_twin(RMSNormFunction)
+
 
 def rms_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]],
              weight: Optional[torch.Tensor] = None, eps: Optional[float] = None) -> torch.Tensor:
     """RMS normalization over the trailing ``normalized_shape`` dimensions, drop-in for
-    :func:`torch.nn.functional.rms_norm` (hand-derived backward, ``once_differentiable``).
+    :func:`torch.nn.functional.rms_norm` (hand-derived backward and forward-mode derivative).
 
     ``eps=None`` uses the machine epsilon of the computation dtype, as torch does (float32's for float16,
     bfloat16 and float32 input, float64's for float64 input)."""
@@ -89,4 +123,6 @@ def rms_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]],
     check_param("weight", weight, input, shape=ns)
     if eps is not None:
         eps = _checks.check_eps(eps)
-    return RMSNormFunction.apply(input, len(ns), weight, eps)
+    if eps is None:
+        eps = torch.finfo(compute_dtype(input)).eps
+    return ad.apply(RMSNormFunction, _RMSNormFunctionCompiled, input, len(ns), weight, eps)[0]

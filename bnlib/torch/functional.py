@@ -3,8 +3,11 @@
 Each function validates its arguments (rules and messages shared with :mod:`bnlib.numpy` through
 :mod:`bnlib._checks`, plus device/dtype agreement between input and parameters) *before* any running
 statistic changes, then applies a :class:`torch.autograd.Function` whose ``backward`` is the closed-form
-gradient derived in the book (not autograd through the forward). All backward passes are
-``once_differentiable``: gradients of gradients are not supported.
+gradient derived in the book (not autograd through the forward). ``batch_norm``, ``layer_norm``,
+``group_norm``, ``instance_norm`` and ``rms_norm`` are differentiable twice (``create_graph=True``: the backward
+in differentiable ops), have a hand-derived forward-mode derivative (``jvp``) and work under ``torch.func``
+(``vmap``, ``grad``, ``jacrev``, ``hessian``, per-sample gradients): see :mod:`bnlib.torch._autodiff`.
+``batch_renorm``, ``batch_layer_norm`` and ``ghost_batch_norm`` are ``once_differentiable``.
 
 Inputs may be float64, float32, float16 or bfloat16 (statistics accumulated in float32 for the last
 three, output in the input dtype), on CPU or CUDA, contiguous or channels-last.

@@ -174,6 +174,8 @@ class _BatchNorm(_NormBase):
         _checks.check_num_channels(input.shape[1], self.num_features)
         check_batch_norm_args(input, running_mean, running_var, self.weight, self.bias, training,
                               self.momentum, self.eps, check_momentum=False)
+        if training:  # eps=0 is valid with running statistics, not with batch statistics (torch's rule)
+            _checks.check_training_eps(self.eps)
         _checks.check_momentum(self.momentum)
 
     def forward(self, input: Tensor) -> Tensor:
@@ -206,6 +208,12 @@ class _BatchNorm(_NormBase):
         if training and self.track_running_stats and counter is not None:
             counter.add_(_ONE if counter.dtype == torch.long and counter.is_cpu else 1)
             if momentum is None:  # cumulative moving average
+                if (not keras and cls._functional is _BatchNorm._functional and running_mean is not None
+                        and torch.compiler.is_compiling()):
+                    # float(counter) would end dynamo's graph inside this forward, which then compiles it as a
+                    # frame of its own, once per layer shape and mode: the recompile limit. Traced instead:
+                    return _cumulative_average_traced(self, input, running_mean, running_var, weight, bias,
+                                                      counter, eps)
                 factor = 1.0 / float(counter)
         if cls._functional is _BatchNorm._functional:  # the arguments are checked: straight to the dispatch
             if keras:  # Keras' momentum weighs the old average; the running variance is the biased one
@@ -219,6 +227,30 @@ class _BatchNorm(_NormBase):
         s = super().extra_repr()
         s = s if self.backend == "auto" else s + f", backend={self.backend!r}"
         return s if self.__dict__.get("convention", "torch") == "torch" else s + f", convention={self.convention!r}"
+
+
+def _cumulative_average_traced(module: _BatchNorm, input: Tensor, running_mean: Tensor, running_var: Tensor,
+                               weight: Optional[Tensor], bias: Optional[Tensor], counter: Tensor,
+                               eps: float) -> Tensor:
+    """``momentum=None`` in training under ``torch.compile``: normalize with the batch statistics (running
+    statistics not passed), then ``running += (batch - running) / num_batches_tracked`` with the weight kept a
+    tensor. (Eager code reads ``float(num_batches_tracked)``, a ``Tensor.item()`` that dynamo cannot trace.)
+    The same update as the functional's: unbiased batch variance, statistics in float64 for float64 input and
+    in float32 otherwise, running statistics untouched by an empty batch."""
+    out = apply_batch_norm(input, None, None, weight, bias, True, 0.0, eps, module.backend)
+    count = input.numel() // input.shape[1] if input.shape[1] else 0
+    if count > 0:
+        with torch.no_grad():
+            cd = torch.float64 if input.dtype == torch.float64 else torch.float32
+            x = input.detach().to(cd)
+            dims = [0] + list(range(2, x.dim()))
+            mean = x.mean(dims)
+            var = x.var(dims, correction=1 if count > 1 else 0)
+            w = counter.to(cd).reciprocal()
+            for buf, new in ((running_mean, mean), (running_var, var)):
+                old = buf.to(cd)
+                buf.copy_(old + (new - old) * w)
+    return out
 
 
 class BatchNorm1d(_BatchNorm):

@@ -29,10 +29,10 @@ X = np.random.default_rng(0).standard_normal((4, 3, 5))
     (dict(running_var=np.ones(5)), ValueError, r"running_var: expected shape \(3,\)"),
     (dict(running_var=None), ValueError, r"running_mean, running_var: expected both or neither"),
     (dict(running_mean=[0.0, 0.0, 0.0]), TypeError, r"running_mean: expected a NumPy array \(it is updated in place\)"),
-    (dict(eps=0.0), ValueError, r"eps: expected a positive finite number, got 0.0"),
+    (dict(eps=-1.0), ValueError, r"eps: expected a positive finite number or 0, got -1.0"),
     (dict(eps=-1e-5), ValueError, r"eps: expected a positive"),
     (dict(eps=float("nan")), ValueError, r"eps: expected a positive"),
-    (dict(eps="1e-5"), TypeError, r"eps: expected a positive real number, got str"),
+    (dict(eps="1e-5"), TypeError, r"eps: expected a positive real number or 0, got str"),
     (dict(momentum=1.5), ValueError, r"momentum: expected None or a real number in \[0, 1\], got 1.5"),
     (dict(momentum=-0.1), ValueError, r"momentum: expected None or a real number in \[0, 1\]"),
     (dict(momentum=True), TypeError, r"momentum: expected None or a real number"),
@@ -69,7 +69,7 @@ def test_eval_needs_running_stats():
 def test_keras_names_in_messages():
     mm, mv = _stats()
     with pytest.raises(ValueError, match="epsilon: expected a positive"):
-        bnp.keras_batch_norm(X, mm, mv, training=True, epsilon=0)
+        bnp.keras_batch_norm(X, mm, mv, training=True, epsilon=-1e-3)
     with pytest.raises(ValueError, match="moving_mean: expected shape"):
         bnp.keras_batch_norm(X, np.zeros(4), mv, training=True)
     with pytest.raises(ValueError, match="momentum: expected"):
@@ -87,7 +87,7 @@ def test_keras_names_in_messages():
     (lambda rm, rv: bnp.batch_renorm(X[:1, :, :1], rm, rv, training=True), ValueError, r"more than 1 value"),
     (lambda rm, rv: bnp.batch_layer_norm(X, rm, rv, training=True, batch_size=0), ValueError,
      r"batch_size: expected a positive int"),
-    (lambda rm, rv: bnp.batch_layer_norm(X, rm, rv, training=True, eps=0), ValueError, r"eps: expected"),
+    (lambda rm, rv: bnp.batch_layer_norm(X, rm, rv, training=True, eps=-1.0), ValueError, r"eps: expected"),
     (lambda rm, rv: bnp.batch_layer_norm(X.astype(int), rm, rv, training=True), TypeError,
      r"input: expected a floating-point"),
     (lambda rm, rv: bnp.instance_norm(X, rm, rv, momentum=2.0), ValueError, r"momentum: expected"),
@@ -148,7 +148,7 @@ def test_module_bad_input_leaves_state_untouched(make, x, exc, pattern):
 
 @pytest.mark.parametrize("make,exc,pattern", [
     (lambda: bnp.BatchNorm2d(0), ValueError, r"num_features: expected a positive int"),
-    (lambda: bnp.BatchNorm2d(3, eps=0), ValueError, r"eps: expected"),
+    (lambda: bnp.BatchNorm2d(3, eps=-1e-5), ValueError, r"eps: expected"),
     (lambda: bnp.BatchNorm2d(3, momentum=2), ValueError, r"momentum: expected"),
     (lambda: bnp.BatchNorm2d(3, dtype=np.int32), TypeError, r"dtype: expected a floating-point dtype"),
     (lambda: bnp.BatchNorm2d(3, momentum=None, convention="keras"), TypeError, r"momentum"),

@@ -191,7 +191,7 @@ def test_softmax_cross_entropy_is_stable_and_correct():
         (dict(bn_position="middle"), ValueError, "bn_position"),
         (dict(init="orthogonal"), ValueError, "init"),
         (dict(init=-1.0), ValueError, "init"),
-        (dict(eps=0.0), ValueError, "eps"),
+        (dict(eps=-1e-5), ValueError, "eps"),
         (dict(momentum=1.5), ValueError, "momentum"),
         (dict(dtype=np.int32), TypeError, "dtype"),
     ],

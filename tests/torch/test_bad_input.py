@@ -94,8 +94,8 @@ def test_other_functions_share_numpy_messages():
     assert (_message(BF.batch_renorm, x, rm, rv, training=True, r_max=0.5) ==
             _message(bnp.batch_renorm, x.numpy(), rm.numpy(), rv.numpy(), training=True, r_max=0.5))
     assert torch.equal(rm, torch.zeros(6))
-    assert (_message(BF.batch_layer_norm, x, rm, rv, training=True, eps=0.0) ==
-            _message(bnp.batch_layer_norm, x.numpy(), rm.numpy(), rv.numpy(), training=True, eps=0.0))
+    assert (_message(BF.batch_layer_norm, x, rm, rv, training=True, eps=-1.0) ==
+            _message(bnp.batch_layer_norm, x.numpy(), rm.numpy(), rv.numpy(), training=True, eps=-1.0))
 
 
 def test_backend_argument_checked():

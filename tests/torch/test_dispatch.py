@@ -120,9 +120,14 @@ def _spy_paths(monkeypatch, capability):
     monkeypatch.setattr(_batch_norm, "_cuda_capability", lambda x: capability)
     monkeypatch.setattr(_batch_norm, "_WARNED_ARCHS", set())
     torch_calls = []
-    real_apply = _batch_norm.BatchNormFunction.apply
-    monkeypatch.setattr(_batch_norm.BatchNormFunction, "apply",
-                        lambda *a: torch_calls.append("torch") or real_apply(*a))
+    real_apply = _batch_norm.ad.apply
+
+    def spy(cls, *a):
+        if cls is _batch_norm.BatchNormFunction:
+            torch_calls.append("torch")
+        return real_apply(cls, *a)
+
+    monkeypatch.setattr(_batch_norm.ad, "apply", spy)
     return triton_calls, torch_calls
 
 

@@ -198,3 +198,112 @@ def test_modules_deepcopy_and_repr():
     assert "virtual_batch_size=4" in repr(bt.GhostBatchNorm2d(3, virtual_batch_size=4))
     assert "r_max=3.0" in repr(bt.BatchRenorm2d(3))
     assert "backend='torch'" in repr(bt.BatchNorm2d(3, backend="torch"))
+
+
+# --- eps=0, exception classes ------------------------------------------------------------------------------
+@pytest.mark.parametrize("ours_cls,torch_cls,args,shape", [
+    (bt.LayerNorm, nn.LayerNorm, (5,), (4, 3, 5)),
+    (bt.GroupNorm, nn.GroupNorm, (2, 4), (4, 4, 5)),
+    (bt.InstanceNorm1d, nn.InstanceNorm1d, (4,), (4, 4, 5)),
+    (bt.RMSNorm, nn.RMSNorm, (5,), (4, 3, 5)),
+    (bt.BatchNorm1d, nn.BatchNorm1d, (4,), (8, 4)),
+], ids=lambda v: v.__name__ if isinstance(v, type) else None)
+def test_eps_zero_is_accepted_as_torch_does(ours_cls, torch_cls, args, shape):
+    ours, ref = ours_cls(*args, eps=0.0), torch_cls(*args, eps=0.0)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    if ours_cls is bt.BatchNorm1d:  # batch statistics need eps > 0: torch raises in training, and so does bnlib
+        for m in (ours, ref):
+            with pytest.raises(ValueError, match="eps"):
+                m(x)
+        assert int(ours.num_batches_tracked) == 0 and torch.equal(ours.running_mean, torch.zeros(4))
+        ours.eval()
+        ref.eval()
+    torch.testing.assert_close(ours(x), ref(x))
+    for bad in (-1e-5, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="eps: expected"):
+            ours_cls(*args, eps=bad)
+
+
+def test_shape_errors_are_value_and_runtime_errors():
+    import bnlib
+    from bnlib.torch import functional as BF
+    x = torch.randn(4, 3, 5)
+    cases = [
+        (lambda: BF.batch_norm(x, torch.zeros(4), torch.ones(4)), bnlib.ShapeError),        # torch: RuntimeError
+        (lambda: BF.batch_norm(x, None, None, torch.ones(4), training=True), bnlib.ShapeError),
+        (lambda: BF.batch_norm(x, None, None), bnlib.RunningStatsError),                  # eval without stats
+        (lambda: BF.group_norm(x, 2), bnlib.ShapeError),
+        (lambda: BF.layer_norm(x, (4,)), bnlib.ShapeError),
+        (lambda: bt.BatchNorm1d(4)(x), bnlib.ShapeError),
+        (lambda: bt.GroupNorm(2, 3), bnlib.ShapeError),                                   # torch: ValueError
+    ]
+    for make, cls in cases:
+        for caught in (ValueError, RuntimeError, cls):
+            with pytest.raises(caught):
+                make()
+
+
+# --- torch.compile ----------------------------------------------------------------------------------------
+def _bn_layers(lib, momentum):
+    """Five (Linear, BatchNorm1d) pairs of different widths, for ``(6, 2)`` input."""
+    layers, width = [], 2
+    for _ in range(5):
+        layers += [nn.Linear(width, width + 1), lib.BatchNorm1d(width + 1, momentum=momentum)]
+        width += 1
+    return layers
+
+
+def _mixed_layers(lib):
+    """Five blocks of a Conv1d and the other normalizations, of different widths, for ``(6, 2, 8)`` input."""
+    layers, width = [], 2
+    for _ in range(5):
+        layers += [nn.Conv1d(width, width + 2, 3, padding=1), lib.GroupNorm(2, width + 2),
+                   lib.InstanceNorm1d(width + 2, affine=True, track_running_stats=True), lib.LayerNorm(8),
+                   lib.RMSNorm(8)]
+        width += 2
+    return layers
+
+
+def _compile_and_toggle(layers, input_shape):
+    """The model compiled (dynamo only, backend 'eager') and run in training and evaluation twice each, with a
+    recompile limit of 4 an error (dynamo's default is 8; a layer compiled as a frame of its own recompiles for
+    each of the five widths, and again in each mode); every output and the final state are checked against the
+    same model run eagerly. Returns the number of frames dynamo compiled."""
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    model = nn.Sequential(*layers).double()  # (float64: the two paths' roundings stay far below assert_close's)
+    eager = copy.deepcopy(model)
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(input_shape, dtype=torch.float64)
+    try:
+        with torch._dynamo.config.patch(recompile_limit=4, fail_on_recompile_limit_hit=True):
+            for _ in range(2):
+                for training in (True, False):
+                    model.train(training)
+                    eager.train(training)
+                    torch.testing.assert_close(compiled(x), eager(x))
+        for (k, a), b in zip(model.state_dict().items(), eager.state_dict().values()):
+            torch.testing.assert_close(a, b, msg=k)
+        return counters["frames"]["ok"]
+    finally:
+        torch._dynamo.reset()
+
+
+def test_compile_does_not_recompile_per_layer_or_mode():
+    """torch.compile of a model with many BatchNorm layers, switched between train() and eval(): dynamo
+    compiles the model once per mode, as for torch.nn's layers, and never reaches its recompile limit (it
+    used to with momentum=None: reading float(num_batches_tracked) is a graph break inside bnlib's forward,
+    which dynamo then compiled as a frame of its own, once per layer width and mode)."""
+    reference = _compile_and_toggle(_bn_layers(nn, 0.1), (6, 2))  # torch.nn: one frame per mode
+    for momentum in (0.1, None):
+        frames = _compile_and_toggle(_bn_layers(bt, momentum), (6, 2))
+        assert frames <= reference, (momentum, frames, reference)
+
+
+def test_compile_other_normalizations_does_not_recompile_per_layer_or_mode():
+    reference = _compile_and_toggle(_mixed_layers(nn), (6, 2, 8))
+    frames = _compile_and_toggle(_mixed_layers(bt), (6, 2, 8))
+    assert frames <= reference, (frames, reference)

@@ -240,6 +240,22 @@ def test_bnlib_functional_triton_backend_matches_torch_backend():
         _close(a, c, 2e-5)
 
 
+@pytest.mark.parametrize("training", [True, False])
+def test_triton_backend_double_backward_matches_torch(training):
+    """``create_graph=True`` through the Triton backend: the backward in differentiable ops (the statistics
+    recomputed from x), so a gradient penalty's gradient matches torch's."""
+    BF = pytest.importorskip("bnlib.torch.functional")
+    x, dy, w, b, rm, rv = _data((6, 3, 4), seed=3)
+    grads = []
+    for fn, kw in ((BF.batch_norm, {"backend": "triton"}), (F.batch_norm, {})):
+        xr, wr, br = (t.clone().requires_grad_(True) for t in (x, w, b))
+        y = fn(xr, rm.clone(), rv.clone(), wr, br, training, **kw)
+        (dx,) = torch.autograd.grad((y * dy).sum(), xr, create_graph=True)
+        grads.append(torch.autograd.grad(dx.square().sum(), (xr, wr, br), materialize_grads=True))
+    for a, c in zip(*grads):
+        _close(a, c, 2e-4)
+
+
 def test_kernels_compile_for_sm90_without_a_gpu():
     """Every kernel compiles to a cubin for sm_90 (Triton ships ptxas): catches what the interpreter cannot
     (types of loop-carried values, constexpr misuse). Runs in a subprocess without TRITON_INTERPRET."""
