@@ -13,6 +13,10 @@ from tools import nbval_numeric
 
 nbval_numeric.install()
 
+# Progress bars belong to live sessions: the stored outputs are made without them (scripts/run_notebook.py), so
+# the notebooks nbval runs here draw none either (bnlib.lab.train.progress_bar).
+os.environ.setdefault("BNLIB_PROGRESS", "0")
+
 
 def _kernels_over_unix_sockets() -> None:
     """nbval's kernels talk over Unix sockets instead of TCP ports.

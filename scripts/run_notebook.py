@@ -20,6 +20,8 @@ from nbclient import NotebookClient
 # The book's stored outputs are made from the offline MNIST subset so they reproduce anywhere (and under nbval,
 # which `make test` runs with the same setting). Override with BNLIB_OFFLINE=0.
 os.environ.setdefault("BNLIB_OFFLINE", "1")
+# No progress bars in stored outputs: they belong to live sessions and would stay frozen on the website.
+os.environ.setdefault("BNLIB_PROGRESS", "0")
 
 
 def run(path: Path, timeout: int) -> float:

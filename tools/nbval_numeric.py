@@ -13,6 +13,10 @@ book's numbers come from floating-point sums whose order depends on the processo
 - a cell may state a wider tolerance for a result whose seed-to-seed or processor-to-processor spread is
   larger, with the tag ``nbval-rtol=0.05``; CONTRIBUTING.md says when that is acceptable.
 
+Images embedded in text outputs (runs of 200 or more base64 characters, such as the PNG frames of an
+explorer's HTML, :mod:`bnlib.lab.explorer`) are not compared, as nbval does not compare ``image/png``
+outputs; the numbers and text around them are.
+
 So a stored number moved by 10 % fails, a change in its 4th significant digit passes (``tests/tools``).
 Installed by the repository's ``conftest.py``, so ``pytest --nbval`` uses it wherever it runs here.
 """
@@ -28,6 +32,16 @@ TAG_PREFIX = "nbval-rtol="
 # fraction, optional exponent. The text between numbers is compared exactly.
 # A sign belongs to the number unless it follows a word, a number, '%' or a closing bracket ("0.3-30" is a range).
 NUMBER = re.compile(r"(?:(?<![\w.%)\]])[-+\u2212])?(?<![\w.])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?(?:[eE][-+]?\d+)?")
+
+
+# An embedded image: a long run of base64 characters (a data URI's payload, or a JSON string holding one).
+BASE64_RUN = re.compile(r"[A-Za-z0-9+/]{200,}={0,2}")
+BASE64_PLACEHOLDER = "<base64 data, not compared>"
+
+
+def mask_embedded_images(text: str) -> str:
+    """``text`` with every embedded base64 payload replaced by a placeholder."""
+    return BASE64_RUN.sub(BASE64_PLACEHOLDER, text)
 
 
 def split_numbers(text: str) -> tuple[list[str], list[str]]:
@@ -139,7 +153,7 @@ def install() -> bool:
 
     def sanitize(self, s):
         s = original_sanitize(self, s)
-        return NumericText(s, cell_rtol(self.cell)) if isinstance(s, str) else s
+        return NumericText(mask_embedded_images(s), cell_rtol(self.cell)) if isinstance(s, str) else s
 
     def format_output_compare(self, key, left, right):
         original_format(self, key, left, right)

@@ -12,11 +12,17 @@ Shared by every chapter:
 - :mod:`bnlib.lab.probes` -- the one activation probe (forward hooks on chosen layers).
 - :mod:`bnlib.lab.models` -- the chapters' networks, built from the registry :mod:`bnlib.methods`.
 - :mod:`bnlib.lab.plotting`, :mod:`bnlib.lab.report` -- the book's plot style and its output policy.
+- :mod:`bnlib.lab.explorer` -- explorers that respond in the browser with no kernel (every combination of the
+  controls precomputed when the notebook runs).
+- :mod:`bnlib.lab.exercises` -- the chapters' exercises: checkers that run a reader's function on unseen inputs
+  and say what is wrong and why.
+- :mod:`bnlib.lab.book` -- the numbers the chapters store (glued values, outputs), read by the synthesis pages.
 
 One module per chapter: :mod:`~bnlib.lab.speed` (4, training speed), :mod:`~bnlib.lab.ics` (5, internal
 covariate shift), :mod:`~bnlib.lab.small_batches` (6, small batches and the alternatives),
 :mod:`~bnlib.lab.train_eval` (7, train vs eval), :mod:`~bnlib.lab.sequences` and
-:mod:`~bnlib.lab.interpret` (8), :mod:`~bnlib.lab.cost` (9, cost and scale).
+:mod:`~bnlib.lab.interpret` (8), :mod:`~bnlib.lab.cost` (9, cost and scale), :mod:`~bnlib.lab.modern` (10,
+normalization in modern networks), :mod:`~bnlib.lab.finetune` (11, fine-tuning with batch norm).
 """
 from __future__ import annotations
 
@@ -27,7 +33,8 @@ from .. import setup as _core_setup
 __all__ = ["setup"]
 
 _SUBMODULES = {"train", "packed", "probes", "models", "plotting", "report", "speed", "ics", "small_batches",
-               "train_eval", "sequences", "interpret", "cost"}
+               "train_eval", "sequences", "interpret", "cost", "explorer", "exercises", "book", "modern",
+               "finetune"}
 
 
 def setup(seed: int = 0, *, quiet: bool = False):

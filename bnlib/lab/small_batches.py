@@ -59,7 +59,7 @@ from torch import nn
 from .. import _checks, methods
 from .models import NORMS, mlp, small_cnn
 from .packed import SCHEDULES, PackedNet, evaluate_packed, lr_at, train_packed
-from .train import History
+from .train import History, progress_bar
 
 __all__ = [
     "CUBE_METHODS",
@@ -768,12 +768,7 @@ def run_plan(plan: SweepPlan, x_train: torch.Tensor, y_train: torch.Tensor, x_va
         if "train_mode_errors" in out:
             tm_errors[mi, bi] = out["train_mode_errors"]
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        # a redraw at most every 2 s: in Jupyter each redraw is a message to the front end
-        bar = tqdm(total=plan.total_steps, desc=desc, unit="step", mininterval=2.0)
+    bar = progress_bar(plan.total_steps, desc, unit="step", leave=True, mininterval=2.0) if progress else None
     try:
         (_run_pool if plan.workers > 1 else _run_serial)(plan, data, store, bar)
     finally:

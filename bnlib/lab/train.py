@@ -27,12 +27,31 @@ from .. import _checks
 from .._setup import generator
 
 __all__ = ["History", "StopTraining", "as_hooks", "run", "to_tensors", "make_optimizer", "evaluate", "train",
-           "steps_to_accuracy"]
+           "steps_to_accuracy", "progress_bar"]
 
 
-@dataclass
+def progress_bar(total: int, desc: str, **kwargs):
+    """A ``tqdm.auto`` bar over ``total`` units, or ``None`` when ``BNLIB_PROGRESS=0`` is in the environment.
+
+    Progress bars belong to live sessions: the book's stored outputs are made (``scripts/run_notebook.py``) and
+    checked (nbval) with ``BNLIB_PROGRESS=0``, so no frozen bar is left on the website. The lab's loops call this
+    one function. A redraw at most every ``mininterval`` seconds (default 1): in Jupyter each redraw is a
+    message to the front end."""
+    import os
+
+    if os.environ.get("BNLIB_PROGRESS", "1").strip() == "0":
+        return None
+    from tqdm.auto import tqdm
+
+    kwargs.setdefault("leave", False)
+    kwargs.setdefault("mininterval", 1.0)
+    return tqdm(total=total, desc=desc, **kwargs)
+
+
+@dataclass(repr=False)
 class History:
-    """What :func:`train` measured: the loss of every training step and the periodic evaluations."""
+    """What :func:`train` measured: the loss of every training step and the periodic evaluations. Its repr is
+    one line (steps, last loss, evaluations, final accuracy), not the thousands of numbers it holds."""
 
     train_loss: list = field(default_factory=list)  # one entry per step
     eval_steps: list = field(default_factory=list)  # steps at which the model was evaluated
@@ -43,6 +62,17 @@ class History:
     @property
     def final_acc(self) -> float:
         return self.eval_acc[-1] if self.eval_acc else float("nan")
+
+    def __repr__(self) -> str:
+        parts = [f"{len(self.train_loss)} steps"]
+        if self.train_loss:
+            parts.append(f"last training loss {float(self.train_loss[-1]):.3g}")
+        if self.eval_steps:
+            parts.append(f"{len(self.eval_steps)} evaluations (steps {self.eval_steps[0]}-{self.eval_steps[-1]}), "
+                         f"final accuracy {float(self.final_acc):.3g}")
+        if self.diverged:
+            parts.append("diverged")
+        return f"History({', '.join(parts)})"
 
     def smoothed_train_loss(self, window: int = 50) -> np.ndarray:
         """Moving average of the training loss (valid part only)."""
@@ -165,11 +195,7 @@ def run(
 
     _eval(0)
     order, pos = (None, 0) if sampler is not None else (permutation(), 0)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=steps, desc=desc, leave=False, mininterval=1.0)  # redraws are front-end messages
+    bar = progress_bar(steps, desc) if progress else None
     try:
         for t in range(1, steps + 1):
             if sampler is not None:
@@ -366,11 +392,7 @@ def sweep(fn: Callable, grid: dict, *, progress: bool = True, desc: str = "sweep
         values.append(options)
     names = list(grid)
     points = [dict(zip(names, combo)) for combo in itertools.product(*values)]
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(points), desc=desc, leave=False, mininterval=1.0)
+    bar = progress_bar(len(points), desc) if progress else None
     records = []
     try:
         for point in points:

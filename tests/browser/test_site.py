@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import http.server
+import json
 import re
 import shutil
 import subprocess
@@ -104,7 +105,10 @@ def test_page_renders_offline(server, page):
     static_html = (SITE / f"{page}.html").read_text(encoding="utf-8")
     static = BeautifulSoup(static_html, "html.parser")
 
-    # Self-contained: every script and stylesheet comes from this site.
+    # Self-contained: every script and stylesheet comes from this site, and no page names a CDN (thebe's bundle
+    # on unpkg.com is dropped by tools/sphinx_offline.py).
+    for host in ("unpkg.com", "cdn.jsdelivr.net", "cdnjs.cloudflare.com"):
+        assert host not in static_html, f"{page}: references the CDN {host}"
     for tag, attr in (("script", "src"), ("link", "href")):
         for el in static.find_all(tag):
             url = el.get(attr)
@@ -129,13 +133,106 @@ def test_page_renders_offline(server, page):
     assert len(rendered) >= len(views), f"{page}: {len(views)} widget views stored, {len(rendered)} rendered"
     assert "Error displaying widget" not in dom.get_text(), f"{page}: a widget failed to render"
 
-    # Launch button for Colab on every page.
-    assert any("colab.research.google.com" in (a.get("href") or "") for a in dom.find_all("a")), (
-        f"{page}: no Colab launch button"
-    )
+    # Launch button for Colab on every notebook page (a Markdown page has nothing to run).
+    colab = any("colab.research.google.com" in (a.get("href") or "") for a in dom.find_all("a"))
+    assert colab or not (ROOT / f"{page}.ipynb").exists(), f"{page}: no Colab launch button"
 
     SHOTS.mkdir(parents=True, exist_ok=True)
     shot = SHOTS / (page.replace("/", "__") + ".png")
     shot.unlink(missing_ok=True)
     run_chromium("--window-size=1280,1600", f"--screenshot={shot}", f"{server}/{page}.html")
     assert shot.exists() and shot.stat().st_size > 10_000, f"{page}: screenshot {shot} missing or empty"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Exercises: solutions and answers stay hidden until the reader asks for them
+# ---------------------------------------------------------------------------------------------------------
+
+EXERCISE_PAGE = "chapters/07_train_vs_eval"   # a chapter page with all three kinds of exercise
+HARNESS_PATH = "/__toggle_harness__.html"
+# Loads the chapter in a same-origin iframe, then, for every toggle of the exercises, records whether its content
+# is visible, clicks the toggle (its <summary>) and records again; --dump-dom returns the record as JSON.
+TOGGLE_HARNESS = """<!doctype html>
+<html><body><pre id="result">pending</pre>
+<iframe id="page" src="/PAGE.html" style="width: 1280px; height: 2400px"></iframe>
+<script>
+document.getElementById("page").addEventListener("load", () => {
+  const doc = document.getElementById("page").contentDocument;
+  const shown = (el) => !!el && el.getClientRects().length > 0 && el.offsetHeight > 0 && el.checkVisibility();
+  const found = [];
+  const toggle = (kind, details, content) => {
+    const before = shown(content);
+    details.querySelector(":scope > summary").click();
+    found.push({kind, text: content.textContent.trim().slice(0, 60), before, after: shown(content)});
+  };
+  for (const details of doc.querySelectorAll("div.cell.tag_hide-input > details.above-input")) {
+    const code = details.querySelector(".cell_input pre");
+    if (code && code.textContent.includes("@title Solution")) toggle("solution", details, code);
+  }
+  for (const details of doc.querySelectorAll("div.cell.tag_hide-output details.below-input")) {
+    const output = details.querySelector(".cell_output pre");
+    if (output && output.textContent.includes("result")) toggle("prediction result", details, output);
+  }
+  for (const details of doc.querySelectorAll("details")) {
+    const summary = details.querySelector(":scope > summary");
+    if (summary && summary.textContent.trim() === "Answer") {
+      toggle("answer", details, details.querySelector(":scope > p"));
+    }
+  }
+  for (const pre of doc.querySelectorAll("div.cell:not(.tag_hide-input) .cell_input pre")) {
+    if (pre.textContent.includes("raise NotImplementedError")) {
+      found.push({kind: "exercise", text: pre.textContent.trim().slice(0, 60), before: shown(pre), after: shown(pre)});
+    }
+  }
+  document.getElementById("result").textContent = JSON.stringify(found);
+});
+</script></body></html>
+"""
+
+
+class _HarnessHandler(_QuietHandler):
+    def do_GET(self):
+        if self.path.split("?", 1)[0] != HARNESS_PATH:
+            return super().do_GET()
+        body = TOGGLE_HARNESS.replace("PAGE", EXERCISE_PAGE).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "text/html; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+
+def test_exercise_solutions_are_hidden_until_toggled():
+    """On a chapter page, every exercise's solution cell (tag hide-input), the result of every predict-then-run
+    cell (hide-output) and every model answer (a <details> block) is not visible before its toggle is clicked, and
+    visible after; the cells the reader edits are visible from the start."""
+    if not (SITE / f"{EXERCISE_PAGE}.html").exists():
+        pytest.fail(f"{SITE / EXERCISE_PAGE}.html missing: build the site first (make book)")
+    static = BeautifulSoup((SITE / f"{EXERCISE_PAGE}.html").read_text(encoding="utf-8"), "html.parser")
+    expected = {
+        "solution": sum("@title Solution" in d.get_text() for d in static.select("div.tag_hide-input details")),
+        "prediction result": len(static.select("div.tag_hide-output")),
+        "answer": sum(s.get_text(strip=True) == "Answer" for s in static.select("details > summary")),
+    }
+    assert all(expected.values()), f"{EXERCISE_PAGE}: no exercises of some kind on the page: {expected}"
+
+    handler = functools.partial(_HarnessHandler, directory=str(SITE))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        dom = BeautifulSoup(run_chromium("--dump-dom", f"http://127.0.0.1:{httpd.server_address[1]}{HARNESS_PATH}"),
+                            "html.parser")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    record = json.loads(dom.find(id="result").get_text())
+    for kind, count in expected.items():
+        found = [r for r in record if r["kind"] == kind]
+        assert len(found) == count, f"{EXERCISE_PAGE}: {count} {kind} toggles in the page, {len(found)} checked"
+    for r in record:
+        if r["kind"] == "exercise":
+            assert r["before"], f"{EXERCISE_PAGE}: the exercise cell {r['text']!r} is not visible"
+        else:
+            assert not r["before"], f"{EXERCISE_PAGE}: the {r['kind']} {r['text']!r} is visible before its toggle"
+            assert r["after"], f"{EXERCISE_PAGE}: the {r['kind']} {r['text']!r} is still hidden after its toggle"
+    assert any(r["kind"] == "exercise" for r in record), f"{EXERCISE_PAGE}: no exercise cell found"

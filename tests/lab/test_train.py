@@ -159,3 +159,25 @@ def test_train_clips_gradients_and_checks_its_hooks():
         E.train(torch.nn.Linear(4, 2), x, y, steps=1, batch_size=8, lr=0.1, clip_grad_norm=-1.0)
     with pytest.raises(TypeError, match="model"):
         E.train("not a model", x, y, steps=1, batch_size=8, lr=0.1)
+
+
+def test_history_repr_is_one_line():
+    from bnlib.lab.train import History
+
+    h = History(train_loss=[0.5] * 5000, eval_steps=list(range(0, 5001, 50)), eval_loss=[0.1] * 101,
+                eval_acc=[0.9] * 101)
+    text = repr(h)
+    assert "\n" not in text and len(text) < 200
+    assert text == ("History(5000 steps, last training loss 0.5, 101 evaluations (steps 0-5000), "
+                    "final accuracy 0.9)")
+
+
+def test_progress_bar_off_with_bnlib_progress_0(monkeypatch):
+    from bnlib.lab.train import progress_bar
+
+    monkeypatch.setenv("BNLIB_PROGRESS", "0")
+    assert progress_bar(10, "x") is None
+    monkeypatch.setenv("BNLIB_PROGRESS", "1")
+    bar = progress_bar(10, "x", disable=True)
+    assert bar is not None
+    bar.close()

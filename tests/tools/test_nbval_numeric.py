@@ -85,3 +85,20 @@ def test_pytest_nbval_uses_the_numeric_comparison(tmp_path, stored, passes):
     assert (run.returncode == 0) is passes, run.stdout[-3000:]
     if not passes:
         assert "numeric comparison: number" in run.stdout, run.stdout[-3000:]
+
+
+def test_embedded_images_are_masked_numbers_beside_them_compared():
+    import base64
+
+    from tools.nbval_numeric import BASE64_PLACEHOLDER, mask_embedded_images, number_mismatch
+
+    img_a = base64.b64encode(bytes(range(256)) * 2).decode()
+    img_b = base64.b64encode(bytes(reversed(range(256))) * 2).decode()
+    page = '<img src="data:image/png;base64,{}"><script>{{"img":"{}","summary":{{"slope":"{}"}}}}</script>'
+    a = mask_embedded_images(page.format(img_a, img_a, "0.494"))
+    b = mask_embedded_images(page.format(img_b, img_b, "0.495"))
+    assert img_a not in a and a.count(BASE64_PLACEHOLDER) == 2
+    assert number_mismatch(a, b) is None  # other pixels, a number within the tolerance
+    c = mask_embedded_images(page.format(img_b, img_b, "0.61"))
+    assert "number 0.494 (stored) vs 0.61 (computed)" in number_mismatch(a, c)
+    assert mask_embedded_images("short base64 AAAA==, words and 0.5") == "short base64 AAAA==, words and 0.5"
