@@ -413,6 +413,15 @@ def _bn_layout(x: torch.Tensor, training: bool):
     return small, nd > 2, _RDIMS[nd, False], numel // C if numel else 0
 
 
+def _bn_xhat(xc: torch.Tensor, training: bool, eps: float, mean, invstd, dims, shape):
+    """``(xhat, invstd)`` in differentiable ops: from the batch (training; the statistics recomputed from ``x``)
+    or from the constant running statistics ``mean``, ``invstd`` (evaluation)."""
+    if training:
+        return ad.standardize(xc, dims, eps)
+    mean, invstd = mean.view(shape), invstd.view(shape)
+    return (xc - mean) * invstd, invstd
+
+
 def bn_backward_plain(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], training: bool,
                       eps: float, mean: Optional[torch.Tensor], invstd: Optional[torch.Tensor], need_dx: bool,
                       need_w: bool, need_b: bool):
@@ -425,11 +434,7 @@ def bn_backward_plain(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.
     shape = (1, x.shape[1]) + (1,) * (nd - 2)
     xc, dyc, w = ad.cast(x, cd), ad.cast(dy, cd), ad.cast(weight, cd)
     w = None if w is None else w.view(shape)
-    if training:
-        xhat, invstd = ad.standardize(xc, dims, eps)
-    else:
-        mean, invstd = mean.view(shape), invstd.view(shape)
-        xhat = (xc - mean) * invstd
+    xhat, invstd = _bn_xhat(xc, training, eps, mean, invstd, dims, shape)
     dx = None
     if need_dx:
         g = dyc if w is None else dyc * w
@@ -449,12 +454,7 @@ def bn_jvp(x: torch.Tensor, weight, training: bool, eps: float, mean, invstd, x_
     def per_channel(t):
         return None if t is None else ad.cast(t, cd).view(shape)
 
-    xc = ad.cast(x, cd)
-    if training:
-        xhat, invstd = ad.standardize(xc, dims, eps)
-    else:
-        mean, invstd = mean.view(shape), invstd.view(shape)
-        xhat = (xc - mean) * invstd
+    xhat, invstd = _bn_xhat(ad.cast(x, cd), training, eps, mean, invstd, dims, shape)
     xhat_dot = None
     if x_dot is not None:
         u = ad.cast(x_dot, cd)
