@@ -6,15 +6,19 @@
 - :func:`spread` -- a result over seeds is printed as its median and range, at the precision the spread
   supports;
 - :func:`glue` -- a number quoted in the prose is glued from the computation (myst-nb's ``{glue:text}`` role),
-  so text and outputs cannot disagree.
+  so text and outputs cannot disagree;
+- :func:`judge` -- the book's one rule for turning a per-seed effect into a verdict on a claim
+  (:data:`VERDICT_RULE`), so every chapter and the claims audit use the same words for the same evidence.
 """
 from __future__ import annotations
 
-from typing import Iterable
+import math
+from dataclasses import dataclass
+from typing import Iterable, Tuple
 
 import numpy as np
 
-__all__ = ["rounding_bound", "spread", "glue", "eps_of"]
+__all__ = ["rounding_bound", "spread", "glue", "eps_of", "VERDICTS", "VERDICT_RULE", "Verdict", "judge"]
 
 
 def _dtype_name(dtype) -> str:
@@ -80,3 +84,101 @@ def glue(name: str, value) -> None:
         display({"application/papermill.record/" + k: v for k, v in bundle.items()}, raw=True, metadata=metadata)
         return
     myst_glue(name, value, display=False)
+
+
+# ------------------------------------------------------------------------------------------------ verdicts
+VERDICTS = ("confirmed", "qualified", "not supported", "refuted")
+
+VERDICT_RULE = (
+    "Each claim is measured as an effect per seed, positive in the direction the claim states (a speed-up as "
+    "the log of a ratio of steps, a gain as a difference of accuracies), on at least 3 seeds, with a margin: "
+    "the smallest effect that counts. "
+    "Confirmed: every seed's effect exceeds the margin and the median effect exceeds the seed-to-seed range "
+    "(max - min), and the claim holds in every condition tested. "
+    "Qualified: every seed's effect exceeds the margin, but the median does not exceed the range, or the claim "
+    "holds only in part of the conditions tested (stated next to the verdict). "
+    "Refuted: every seed's effect is below minus the margin (the opposite of the claim). "
+    "Not supported: anything else (the seeds disagree, or the effect stays within the margin)."
+)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A claim's verdict and the per-seed effects it rests on (:func:`judge`)."""
+
+    claim: str
+    verdict: str
+    effects: Tuple[float, ...]
+    margin: float
+    fmt: str
+    unit: str
+    partial: str
+
+    @property
+    def n(self) -> int:
+        return len(self.effects)
+
+    @property
+    def median(self) -> float:
+        return float(np.median(self.effects))
+
+    @property
+    def low(self) -> float:
+        return float(min(self.effects))
+
+    @property
+    def high(self) -> float:
+        return float(max(self.effects))
+
+    def evidence(self) -> str:
+        """``'median [min, max] over n seeds'`` of the effect, in its format and unit."""
+        u = self.unit
+        return (f"{self.median:{self.fmt}}{u} [{self.low:{self.fmt}}{u}, {self.high:{self.fmt}}{u}] "
+                f"over {self.n} seeds")
+
+    def __str__(self) -> str:
+        only = f" (only {self.partial})" if self.partial else ""
+        return f"{self.claim}: {self.verdict}{only}; effect {self.evidence()}"
+
+    def glue(self, key: str) -> None:
+        """Glue the verdict word under ``key`` and its evidence under ``key + '_evidence'`` (for the prose and
+        the claims audit, which reads them back with :func:`bnlib.lab.book.stored_glue`)."""
+        glue(key, self.verdict)
+        glue(key + "_evidence", self.evidence())
+
+
+def judge(claim: str, effects: Iterable[float], *, margin: float = 0.0, fmt: str = ".2f", unit: str = "",
+          partial: str = "", min_seeds: int = 3) -> Verdict:
+    """The verdict on ``claim`` from its per-seed ``effects`` under :data:`VERDICT_RULE`.
+
+    ``effects``: one number per seed, positive in the claim's direction; ``margin`` (>= 0): the smallest effect
+    that counts; ``partial``: empty when the claim held in every condition tested, else the conditions it held
+    in (the verdict is then at most 'qualified'); ``fmt``/``unit``: how :meth:`Verdict.evidence` prints it.
+
+    >>> str(judge("BN trains faster", [1.2, 1.5, 1.4], fmt=".1f"))
+    'BN trains faster: confirmed; effect 1.4 [1.2, 1.5] over 3 seeds'
+    >>> judge("BN regularizes", [0.01, -0.02, 0.0], margin=0.005).verdict
+    'not supported'
+    """
+    if not isinstance(claim, str) or not claim:
+        raise ValueError(f"claim: expected a non-empty string, got {claim!r}")
+    try:
+        values = tuple(float(e) for e in effects)
+    except (TypeError, ValueError):
+        raise ValueError(f"effects: expected numbers, one per seed, got {effects!r}") from None
+    if len(values) < min_seeds:
+        raise ValueError(f"effects: expected at least {min_seeds} seeds, got {len(values)}")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"effects: expected finite numbers (pass a censored run as its bound), got {values}")
+    if not (isinstance(margin, (int, float)) and math.isfinite(margin) and margin >= 0):
+        raise ValueError(f"margin: expected a finite number >= 0, got {margin!r}")
+    if not isinstance(partial, str):
+        raise TypeError(f"partial: expected a string (empty when the claim held everywhere), got {partial!r}")
+    lo, hi, med = min(values), max(values), float(np.median(values))
+    if lo > margin:
+        verdict = "confirmed" if med > hi - lo and not partial else "qualified"
+    elif hi < -margin:
+        verdict = "refuted"
+    else:
+        verdict = "not supported"
+    return Verdict(claim, verdict, values, float(margin), fmt, unit, partial)

@@ -40,3 +40,39 @@ def test_glue_records_the_value_for_the_prose(monkeypatch, with_myst_nb):
     (bundle,), kwargs = shown[-1]
     assert bundle == {"application/papermill.record/text/plain": "'12x'"}
     assert kwargs["metadata"]["scrapbook"]["name"] == "speedup"
+
+
+# ------------------------------------------------------------------------------------------------ judge
+def test_judge_follows_the_rule():
+    from bnlib.lab.report import judge
+
+    assert judge("c", [1.0, 1.2, 1.1]).verdict == "confirmed"
+    assert judge("c", [0.1, 1.2, 0.5]).verdict == "qualified"          # all positive, median 0.5 < range 1.1
+    assert judge("c", [1.0, 1.2, 1.1], partial="at lr 1").verdict == "qualified"
+    assert judge("c", [-1.0, -1.2, -1.1]).verdict == "refuted"
+    assert judge("c", [-1.0, 1.2, 1.1]).verdict == "not supported"
+    assert judge("c", [0.01, 0.02, 0.03], margin=0.05).verdict == "not supported"
+    assert judge("c", [-0.01, -0.02, -0.03], margin=0.05).verdict == "not supported"
+
+
+def test_judge_prints_median_and_range():
+    from bnlib.lab.report import judge
+
+    v = judge("BN trains faster", [2.0, 3.0, 2.5, 2.25, 2.75], fmt=".1f", unit="x")
+    assert v.evidence() == "2.5x [2.0x, 3.0x] over 5 seeds"
+    assert str(v) == "BN trains faster: confirmed; effect 2.5x [2.0x, 3.0x] over 5 seeds"
+    assert "only at lr 1" in str(judge("c", [1, 1, 1], partial="at lr 1"))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(claim="", effects=[1, 1, 1]), "claim"),
+    (dict(claim="c", effects=[1, 1]), "at least 3 seeds"),
+    (dict(claim="c", effects=[1, 1, float("inf")]), "finite"),
+    (dict(claim="c", effects=[1, 1, "x"]), "effects"),
+    (dict(claim="c", effects=[1, 1, 1], margin=-1), "margin"),
+])
+def test_judge_rejects_bad_input(kwargs, match):
+    from bnlib.lab.report import judge
+
+    with pytest.raises(ValueError, match=match):
+        judge(**kwargs)
