@@ -18,7 +18,8 @@ Noisy batch norm
     random affine map whose distribution is re-drawn at every training step) and :func:`add_noise`.
 Loss landscape
     :func:`landscape_probe`: walk along the gradient direction and record the loss, the change of the
-    gradient and the effective beta-smoothness.
+    gradient and the effective beta-smoothness, at given step sizes ``eta`` or at matched step lengths ``d``
+    (the same distance in parameter space whatever the gradient's size).
 Scale invariance
     :func:`scale_invariance`, :func:`effective_lr`, :func:`angular_update`, :func:`weight_norm`.
 Training callback
@@ -422,7 +423,8 @@ def add_noise(model: nn.Module, *, mean_noise: float = 1.0, scale_noise: float =
 
 @dataclass
 class LandscapeResult:
-    """What :func:`landscape_probe` saw along ``theta - eta * g`` (arrays indexed by step size)."""
+    """What :func:`landscape_probe` saw along ``theta - eta * g`` (arrays indexed by step size; with matched step
+    lengths ``eta = d / ||g||``)."""
 
     step_sizes: np.ndarray
     loss0: float             # L(theta)
@@ -449,10 +451,14 @@ class LandscapeResult:
         return float((self.grad_change[ok] / self.distance[ok]).max()) if ok.any() else 0.0
 
 
-def landscape_probe(model: nn.Module, closure: Callable[[], Tensor], step_sizes,
-                    params: Optional[Sequence[nn.Parameter]] = None) -> LandscapeResult:
+def landscape_probe(model: nn.Module, closure: Callable[[], Tensor], step_sizes=None,
+                    params: Optional[Sequence[nn.Parameter]] = None, *, distances=None) -> LandscapeResult:
     """Move from the current parameters along the negative gradient, ``theta - eta * g`` for each ``eta`` in
     ``step_sizes``, and record the loss and how much the gradient changed (Santurkar et al. 2018, Fig. 4).
+
+    With ``distances`` instead of ``step_sizes`` the probe moves a *matched step length*: to
+    ``theta - d * g / ||g||`` for each ``d``, i.e. ``eta = d / ||g||``, so that networks whose gradients differ
+    in size are compared at the same distance moved in parameter space (a gradient of zero moves nowhere).
 
     ``closure()`` returns the loss of ``model`` on a fixed batch; ``params`` defaults to all trainable
     parameters. The model is left exactly as it was (:func:`frozen_state`).
@@ -460,9 +466,12 @@ def landscape_probe(model: nn.Module, closure: Callable[[], Tensor], step_sizes,
     _check_module("model", model)
     if not callable(closure):
         raise TypeError("closure: expected a callable returning the loss")
-    etas = np.asarray(step_sizes, dtype=np.float64).reshape(-1)
-    if etas.size == 0 or not np.all(np.isfinite(etas)) or np.any(etas <= 0):
-        raise ValueError(f"step_sizes: expected a non-empty list of positive finite numbers, got {step_sizes!r}")
+    if (step_sizes is None) == (distances is None):
+        raise ValueError("step_sizes, distances: give exactly one of them")
+    name, given = ("step_sizes", step_sizes) if distances is None else ("distances", distances)
+    values = np.asarray(given, dtype=np.float64).reshape(-1)
+    if values.size == 0 or not np.all(np.isfinite(values)) or np.any(values <= 0):
+        raise ValueError(f"{name}: expected a non-empty list of positive finite numbers, got {given!r}")
     params = [p for p in (model.parameters() if params is None else params) if p.requires_grad]
     if not params:
         raise ValueError("params: expected at least one trainable parameter")
@@ -471,6 +480,10 @@ def landscape_probe(model: nn.Module, closure: Callable[[], Tensor], step_sizes,
         loss0 = closure()
         g0 = [g.detach().clone() for g in torch.autograd.grad(loss0, params)]
         gnorm = math.sqrt(sum(float((g * g).sum()) for g in g0))
+        if distances is None:
+            etas = values
+        else:
+            etas = values / gnorm if gnorm > 0 else np.zeros_like(values)
         start = [p.detach().clone() for p in params]
         for eta in etas:
             with torch.no_grad():
@@ -481,7 +494,7 @@ def landscape_probe(model: nn.Module, closure: Callable[[], Tensor], step_sizes,
             losses.append(float(loss.detach()))
             changes.append(math.sqrt(sum(float(((g - h) ** 2).sum()) for g, h in zip(grads, g0))))
     return LandscapeResult(etas, float(loss0.detach()), gnorm, np.array(losses), np.array(changes),
-                           etas * gnorm)
+                           etas * gnorm if distances is None else (values if gnorm > 0 else np.zeros_like(values)))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -611,6 +624,7 @@ class MicroscopeRecord:
     ics_grad_norm: List[np.ndarray] = field(default_factory=list)
     land_steps: List[int] = field(default_factory=list)
     landscapes: List[LandscapeResult] = field(default_factory=list)
+    matched: List[LandscapeResult] = field(default_factory=list)  # at matched step lengths (``distances``)
     norm_steps: List[int] = field(default_factory=list)
     weight_norms: List[np.ndarray] = field(default_factory=list)
     grad_norms: List[np.ndarray] = field(default_factory=list)  # ||W.grad|| of the step just taken (nan at 0)
@@ -633,7 +647,9 @@ class Microscope:
     - every ``act_every`` steps: the outputs of ``act_modules`` (default: the inputs of the nonlinearities,
       :func:`pre_activation_modules`) on the fixed ``probe_x`` batch, in training mode;
     - every ``ics_every`` steps: :func:`ics` on the current training batch with learning rate ``lr``;
-    - every ``landscape_every`` steps: :func:`landscape_probe` with ``step_sizes`` on the current batch;
+    - every ``landscape_every`` steps: :func:`landscape_probe` with ``step_sizes`` on the current batch (in
+      ``record.landscapes``) and, when ``distances`` is given, at those matched step lengths too (in
+      ``record.matched``);
     - every ``norm_every`` steps: the norms of the weight layers, of their gradients (those of the step just
       taken) and the angle each weight turned since the last record.
 
@@ -643,7 +659,7 @@ class Microscope:
 
     def __init__(self, *, lr: float, probe_x: Optional[Tensor] = None, act_every: int = 0, ics_every: int = 0,
                  landscape_every: int = 0, norm_every: int = 0, step_sizes=(0.5, 1.0, 2.0, 4.0),
-                 act_modules=None, layers: Optional[Sequence[nn.Module]] = None,
+                 distances=None, act_modules=None, layers: Optional[Sequence[nn.Module]] = None,
                  loss: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy):
         _checks.check_real("lr", lr, 0.0)
         for name, v in (("act_every", act_every), ("ics_every", ics_every),
@@ -656,6 +672,13 @@ class Microscope:
         self.act_every, self.ics_every = act_every, ics_every
         self.landscape_every, self.norm_every = landscape_every, norm_every
         self.step_sizes = list(step_sizes)
+        self.distances = None
+        if distances is not None:
+            d = np.asarray(distances, dtype=np.float64).reshape(-1)
+            if d.size == 0 or not np.all(np.isfinite(d)) or np.any(d <= 0):
+                raise ValueError(f"distances: expected a non-empty list of positive finite numbers (or None), got "
+                                 f"{distances!r}")
+            self.distances = d.tolist()
         self.act_modules, self.layers = act_modules, layers
         self.record = MicroscopeRecord()
         self._last_weights = None
@@ -711,3 +734,5 @@ class Microscope:
         if self.landscape_every and step % self.landscape_every == 0:
             self.record.land_steps.append(step)
             self.record.landscapes.append(landscape_probe(model, closure, self.step_sizes))
+            if self.distances is not None:
+                self.record.matched.append(landscape_probe(model, closure, distances=self.distances))

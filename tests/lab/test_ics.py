@@ -322,6 +322,42 @@ def test_landscape_leaves_model_unchanged_and_validates():
         ics.landscape_probe(model, _closure(model, x, y), [0.1, -1])
 
 
+def test_landscape_at_matched_step_length():
+    """With distances d the probe moves to theta - d g / ||g||: the same points whatever the gradient's size."""
+    q = _Quadratic([3.0, 1.0], [1.0, 2.0])
+    dists = [0.05, 0.1, 0.4]
+    r = ics.landscape_probe(q, q.loss, distances=dists)
+    g = np.array([3.0, 2.0])
+    assert np.allclose(r.distance, dists) and np.allclose(r.step_sizes, np.array(dists) / np.linalg.norm(g))
+    theta = np.array([1.0, 2.0])
+    ends = [theta - d * g / np.linalg.norm(g) for d in dists]
+    assert np.allclose(r.losses, [0.5 * (3 * e[0] ** 2 + e[1] ** 2) for e in ends])
+    expected_beta = np.linalg.norm(np.array([3.0, 1.0]) * g) / np.linalg.norm(g)   # ||A g|| / ||g||
+    assert r.beta_smoothness == pytest.approx(expected_beta, rel=1e-9)
+
+    class Scaled(_Quadratic):   # the same landscape, ten times steeper: eta-probes would move 10x further
+        def loss(self):
+            return 10 * super().loss()
+
+    s = Scaled([3.0, 1.0], [1.0, 2.0])
+    r10 = ics.landscape_probe(s, s.loss, distances=dists)
+    assert np.allclose(r10.losses, 10 * r.losses) and np.allclose(r10.grad_change, 10 * r.grad_change)
+    assert np.allclose(r10.distance, r.distance)
+    assert torch.equal(q.theta.detach(), torch.tensor([1.0, 2.0], dtype=torch.float64))
+    with pytest.raises(ValueError, match="exactly one"):
+        ics.landscape_probe(q, q.loss)
+    with pytest.raises(ValueError, match="exactly one"):
+        ics.landscape_probe(q, q.loss, [0.1], distances=[0.1])
+    with pytest.raises(ValueError, match="distances"):
+        ics.landscape_probe(q, q.loss, distances=[0.1, 0.0])
+
+
+def test_landscape_at_matched_step_length_with_zero_gradient():
+    q = _Quadratic([3.0, 1.0], [0.0, 0.0])   # at the minimum: nowhere to go
+    r = ics.landscape_probe(q, q.loss, distances=[0.1, 0.2])
+    assert r.grad_norm == 0 and np.all(r.distance == 0) and r.beta_smoothness == 0 and r.loss_range == 0
+
+
 # ---------------------------------------------------------------------------------------------------- scale invariance
 
 
@@ -396,7 +432,7 @@ def test_microscope_records_and_does_not_change_training():
     def run(with_scope):
         model = ics.add_noise(_mlp(seed=1), seed=5)
         scope = ics.Microscope(lr=0.2, probe_x=x[:40], act_every=2, ics_every=3, landscape_every=5,
-                               norm_every=1, step_sizes=[0.1, 0.2])
+                               norm_every=1, step_sizes=[0.1, 0.2], distances=[0.01, 0.02])
         if with_scope:
             scope.start(model)
         hist = ex.train(model, x, y, steps=10, batch_size=20, lr=0.2, callback=scope if with_scope else None)
@@ -410,6 +446,7 @@ def test_microscope_records_and_does_not_change_training():
     assert rec.drift("layer2").shape == (5, 12)
     assert rec.ics_steps == [3, 6, 9] and rec.ics_l2[0].shape == (3,)
     assert rec.land_steps == [5, 10] and len(rec.norm_steps) == 11
+    assert len(rec.matched) == 2 and np.allclose(rec.matched[0].distance, [0.01, 0.02])
     assert rec.angles[0].tolist() == [0, 0, 0] and np.all(np.array(rec.angles[1:]) > 0)
     assert np.all(np.isnan(rec.grad_norms[0])) and np.all(np.array(rec.grad_norms[1:]) > 0)
 
@@ -432,6 +469,8 @@ def test_microscope_validates():
         ics.Microscope(lr=0.1, act_every=5)
     with pytest.raises(ValueError, match="ics_every"):
         ics.Microscope(lr=0.1, ics_every=-1)
+    with pytest.raises(ValueError, match="distances"):
+        ics.Microscope(lr=0.1, landscape_every=5, distances=[0.1, -0.1])
 
 
 def test_rolling_median():
