@@ -18,11 +18,18 @@ Comparing maps: :func:`attribution_similarity` (Pearson, Spearman or top-k overl
 :func:`spatial_coherence` (how similar neighbouring pixels' attributions are: smooth maps vs speckle).
 
 Why a BN network's first layer keeps its random initialization: :func:`first_layer_gradient_cosines` measures
-the cosine between each unit's weight row and its gradient, which scale invariance makes 0.
+the cosine between each unit's weight row and its gradient, which scale invariance makes 0, and
+:func:`first_layer_movement` how far the first layer has moved from its initialization.
+
+The networks compared: :func:`train_tuned_mlps` trains one kind of MLP (with or without batch norm) from several
+seeds with one optimizer at each learning rate of a grid (packed, :mod:`bnlib.lab.packed`), picks the rate
+with the best median accuracy on held-out data and returns those networks, so that two kinds are compared
+with the same optimizer, each at its own best rate.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -43,6 +50,9 @@ __all__ = [
     "deletion_curve",
     "spatial_coherence",
     "first_layer_gradient_cosines",
+    "first_layer_movement",
+    "TunedMLPs",
+    "train_tuned_mlps",
 ]
 
 
@@ -310,3 +320,74 @@ def first_layer_gradient_cosines(model: nn.Module, x: torch.Tensor, y: torch.Ten
                 b.copy_(snap[n])
         model.train(was)
     return F.cosine_similarity(g, lin.weight.detach(), dim=1)
+
+
+def first_layer_movement(model: nn.Module, initial_weight: torch.Tensor) -> float:
+    """``||W - W0|| / ||W0||`` of the first ``nn.Linear`` of ``model`` against its initial weight ``W0``."""
+    w, _ = raw_first_layer(model)
+    w0 = torch.as_tensor(initial_weight).to(device=w.device, dtype=w.dtype)
+    if w0.shape != w.shape:
+        raise ValueError(f"initial_weight: expected shape {tuple(w.shape)}, got {tuple(w0.shape)}")
+    return ((w - w0).norm() / w0.norm()).item()
+
+
+# --------------------------------------------------------------------------------------------------------
+@dataclass
+class TunedMLPs:
+    """What :func:`train_tuned_mlps` returns: the chosen rate ``lr``, the held-out accuracy of every network of
+    the grid (``val_acc[lr]``: one per seed, NaN for a diverged run), and, at the chosen rate, the trained
+    networks ``nets[seed]`` (eval mode) with their initial first-layer weights ``init[seed]``; the networks
+    of every rate are in ``all_nets[lr][seed]`` (their initial weights are ``init``: the rate does not change
+    them)."""
+
+    norm: str
+    lr: float
+    lrs: Tuple[float, ...]
+    seeds: Tuple[int, ...]
+    val_acc: Dict[float, np.ndarray] = field(repr=False)
+    nets: Dict[int, nn.Module] = field(repr=False)
+    init: Dict[int, torch.Tensor] = field(repr=False)
+    all_nets: Dict[float, Dict[int, nn.Module]] = field(repr=False, default_factory=dict)
+
+
+def train_tuned_mlps(norm: str, x_train: torch.Tensor, y_train: torch.Tensor, x_val: torch.Tensor,
+                     y_val: torch.Tensor, *, seeds: Sequence[int], lrs: Sequence[float], steps: int,
+                     batch_size: int, momentum: float = 0.9, tol: float = 0.0, hidden=(100, 100),
+                     activation: str = "relu", progress: bool = False) -> TunedMLPs:
+    """Train ``models.mlp(784, hidden, 10, activation=activation, norm=norm)`` from each seed at each rate of
+    ``lrs`` with SGD (``momentum``) on ``(x_train, y_train)`` -- all ``len(seeds) * len(lrs)`` networks packed
+    into one (:func:`bnlib.lab.packed.train_packed`: the same runs as :func:`bnlib.lab.train.train` with
+    ``seed=s``, each with its own rate) -- and choose the rate whose networks reach the highest median accuracy
+    on ``(x_val, y_val)`` (a diverged network counts as accuracy 0). Rates within ``tol`` of the best median
+    count as ties (e.g. the standard error of an accuracy on the held-out set, so that the choice does not
+    hinge on one digit), and the smallest of them is chosen. Returns a :class:`TunedMLPs` with the networks
+    of the chosen rate."""
+    from . import models
+    from .packed import PackedNet, train_packed
+
+    seeds = tuple(int(s) for s in seeds)
+    lrs = tuple(float(v) for v in lrs)
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: expected distinct seeds, at least one, got {seeds!r}")
+    if not lrs or len(set(lrs)) != len(lrs) or not all(v > 0 and np.isfinite(v) for v in lrs):
+        raise ValueError(f"lrs: expected distinct positive learning rates, at least one, got {lrs!r}")
+    if not (isinstance(tol, (int, float)) and 0.0 <= tol < 1.0):
+        raise ValueError(f"tol: expected an accuracy difference in [0, 1), got {tol!r}")
+    grid = [(lr, s) for lr in lrs for s in seeds]
+    pack = PackedNet.from_seeds(lambda: models.mlp(x_train[0].numel(), tuple(hidden), 10, activation=activation,
+                                                   norm=norm), [s for _, s in grid])
+    init = [pack.unpack(j)[1].weight.detach().clone() for j in range(len(grid))]
+    hists = train_packed(pack, x_train, y_train, steps=steps, batch_size=batch_size, lr=[lr for lr, _ in grid],
+                         momentum=momentum, x_eval=x_val, y_eval=y_val, eval_every=steps, progress=progress,
+                         desc=f"{norm}, {len(grid)} networks")
+    acc = np.array([float("nan") if h.diverged or not h.eval_acc else h.eval_acc[-1] for h in hists])
+    val_acc = {lr: acc[[j for j, (v, _) in enumerate(grid) if v == lr]] for lr in lrs}
+    score = {lr: float(np.median(np.nan_to_num(a, nan=0.0))) for lr, a in val_acc.items()}
+    best = max(score.values())
+    chosen = min(lr for lr in lrs if score[lr] >= best - tol - 1e-12)
+    all_nets = {lr: {} for lr in lrs}
+    first = {}
+    for j, (lr, s) in enumerate(grid):
+        all_nets[lr][s] = pack.unpack(j).eval()
+        first[s] = init[j]
+    return TunedMLPs(norm, chosen, lrs, seeds, val_acc, all_nets[chosen], first, all_nets)

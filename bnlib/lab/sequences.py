@@ -24,6 +24,18 @@ Sequences of different lengths: ``forward(x, lengths)`` reads sequence ``i`` for
 (the rest of ``x`` is padding) and classifies from its last valid hidden state; at step ``t`` the
 normalization sees only the sequences still running (no padding enters the batch statistics).
 
+What per-step statistics buy at inference: :func:`pooled_statistics` returns a copy of a trained network whose
+every step uses one set of statistics, those of all steps pooled (what a single shared batch norm would
+estimate), so that its accuracy can be compared with the per-step network's.
+
+How this differs from Cooijmans et al.'s recurrent batch normalization (an LSTM): they normalize the
+input-to-hidden term ``W_x x_t`` and the hidden-to-hidden term ``W_h h_{t-1}`` with two separate batch norms
+(and the cell state with a third), each with per-time-step statistics, scale ``gamma`` initialized to 0.1 and
+``beta = 0`` on the two terms (the cell's own bias ``b`` is the shift). Here one batch norm acts on the summed
+pre-activation, with per-time-step statistics and one affine initialized to ``gamma = 1, beta = 0``. What both
+share, and what the chapter measures: statistics per time step, and the statistics of the last training step
+for every step beyond it.
+
 Data helpers: :func:`rows_as_sequence` (MNIST images read row by row, optionally with blank rows added before
 or after the digit) and :func:`train_sequence_model`. :func:`train_sequence_models` trains several networks of
 one configuration (different initial seeds) on the same batches as one batched model, which costs much less
@@ -37,6 +49,7 @@ Arguments are checked with :mod:`bnlib._checks` (its one message shape, ``"<name
 """
 from __future__ import annotations
 
+import copy
 import math
 from typing import Callable, Optional
 
@@ -47,7 +60,7 @@ from torch import nn
 from .. import _checks
 
 __all__ = ["SEQ_NORMS", "TimeStepNorm", "NormRNN", "rows_as_sequence", "pad_rows", "train_sequence_model",
-           "train_sequence_models", "sequence_accuracy"]
+           "train_sequence_models", "sequence_accuracy", "pooled_statistics"]
 
 SEQ_NORMS = ("none", "bn", "bn_shared", "bln", "ln")
 
@@ -502,3 +515,26 @@ def sequence_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, length
     finally:
         model.train(was)
     return correct / len(x)
+
+
+@torch.no_grad()
+def pooled_statistics(model: NormRNN) -> NormRNN:
+    """A copy of a per-step batch-statistics ``model`` (``norm='bn'`` or ``'bln'``) in which every time step
+    uses the same running statistics: the mean and variance of all steps pooled (each step weighted equally:
+    the mean of the means, and the mean of ``var + mean**2`` minus the square of that), the statistics one
+    shared batch norm over all steps would estimate. ``model`` is not changed; the copy keeps its mode."""
+    if not isinstance(model, NormRNN):
+        raise TypeError(f"model: expected a NormRNN, got {type(model).__name__}")
+    if not isinstance(model.norm, TimeStepNorm):
+        raise ValueError(f"model: expected a network with per-step statistics (norm 'bn' or 'bln'), got norm "
+                         f"{model.norm_kind!r}")
+    out = copy.deepcopy(model)
+    norms = out.norm.norms
+    means = torch.stack([n.running_mean.double() for n in norms])
+    second = torch.stack([(n.running_var + n.running_mean ** 2).double() for n in norms])
+    mean = means.mean(0)
+    var = (second.mean(0) - mean ** 2).clamp_min(0.0)
+    for n in norms:
+        n.running_mean.copy_(mean)
+        n.running_var.copy_(var)
+    return out

@@ -163,3 +163,46 @@ def test_first_layer_gradient_cosines_zero_with_bn():
     torch.manual_seed(0)
     plain = nn.Sequential(nn.Flatten(), nn.Linear(16, 6), nn.ReLU(), nn.Linear(6, 3))
     assert I.first_layer_gradient_cosines(plain, x, y).abs().max() > 0.01
+
+
+def test_first_layer_movement():
+    model = _bn_mlp()
+    w0 = model[1].weight.detach().clone()
+    assert I.first_layer_movement(model, w0) == 0.0
+    with torch.no_grad():
+        model[1].weight.mul_(3.0)
+    assert I.first_layer_movement(model, w0) == pytest.approx(2.0, rel=1e-6)
+    with pytest.raises(ValueError, match="initial_weight"):
+        I.first_layer_movement(model, w0[:, :3])
+
+
+def test_train_tuned_mlps_picks_the_best_median_rate_and_matches_single_runs():
+    from bnlib import seed_everything
+    from bnlib.lab import models
+    from bnlib.lab.train import train
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(120, 12, generator=g)
+    y = (x[:, :10].argmax(1)).long()
+    res = I.train_tuned_mlps("bn", x[:90], y[:90], x[90:], y[90:], seeds=(0, 1), lrs=(0.001, 0.3), steps=30,
+                             batch_size=15, hidden=(8,))
+    assert set(res.nets) == {0, 1} and set(res.val_acc) == {0.001, 0.3} and res.val_acc[0.3].shape == (2,)
+    med = {lr: np.median(a) for lr, a in res.val_acc.items()}
+    assert med[res.lr] == max(med.values())
+    # network of seed 1 at the chosen rate = a single run of train() from seed 1
+    seed_everything(1)
+    single = models.mlp(12, (8,), 10, activation="relu", norm="bn")
+    torch.testing.assert_close(res.init[1], single[1].weight.detach())
+    train(single, x[:90], y[:90], steps=30, batch_size=15, lr=res.lr, momentum=0.9, seed=1)
+    torch.testing.assert_close(res.nets[1][1].weight, single[1].weight, atol=1e-5, rtol=1e-4)
+    assert not res.nets[1].training
+    assert set(res.all_nets) == {0.001, 0.3} and res.all_nets[res.lr][1] is res.nets[1]
+    wide = I.train_tuned_mlps("bn", x[:90], y[:90], x[90:], y[90:], seeds=(0, 1), lrs=(0.001, 0.3), steps=30,
+                              batch_size=15, hidden=(8,), tol=0.99)
+    assert wide.lr == 0.001                                        # every rate ties: the smallest
+    with pytest.raises(ValueError, match="tol"):
+        I.train_tuned_mlps("bn", x, y, x, y, seeds=(0,), lrs=(0.1,), steps=2, batch_size=10, tol=-0.1)
+    with pytest.raises(ValueError, match="lrs"):
+        I.train_tuned_mlps("bn", x, y, x, y, seeds=(0,), lrs=(0.1, 0.1), steps=2, batch_size=10)
+    with pytest.raises(ValueError, match="seeds"):
+        I.train_tuned_mlps("bn", x, y, x, y, seeds=(), lrs=(0.1,), steps=2, batch_size=10)

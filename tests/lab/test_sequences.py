@@ -250,3 +250,28 @@ def test_argument_checks_share_exception_types():
         S.TimeStepNorm(3, 2, min_batch=2.5)
     with pytest.raises(TypeError, match="blank_after"):
         S.rows_as_sequence(torch.rand(2, 4, 4), blank_after=1.5)
+
+
+def test_pooled_statistics():
+    torch.manual_seed(0)
+    model = S.NormRNN(input_size=5, hidden_size=4, num_classes=3, norm="bn", max_steps=3).eval()
+    with torch.no_grad():
+        for t, n in enumerate(model.norm.norms):
+            n.running_mean.fill_(float(t))          # means 0, 1, 2; variances 1, 2, 3
+            n.running_var.fill_(float(t + 1))
+    pooled = S.pooled_statistics(model)
+    for n in pooled.norm.norms:
+        torch.testing.assert_close(n.running_mean, torch.full((4,), 1.0))
+        torch.testing.assert_close(n.running_var, torch.full((4,), 2.0 + 2.0 / 3.0))   # mean var + var of means
+    assert float(model.norm.norms[0].running_mean[0]) == 0.0      # the original is unchanged
+    # steps that already share their statistics: nothing changes
+    with torch.no_grad():
+        for n in model.norm.norms:
+            n.running_mean.fill_(0.5)
+            n.running_var.fill_(2.0)
+    x = torch.randn(6, 3, 5)
+    torch.testing.assert_close(S.pooled_statistics(model)(x), model(x))
+    with pytest.raises(ValueError, match="per-step"):
+        S.pooled_statistics(S.NormRNN(input_size=5, norm="ln"))
+    with pytest.raises(TypeError, match="NormRNN"):
+        S.pooled_statistics(torch.nn.Linear(2, 2))
