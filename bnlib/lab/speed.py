@@ -49,7 +49,7 @@ from torch import nn
 from .._setup import derive_seed, generator
 from .models import make_norm, mlp
 from .packed import PackedNet, evaluate_packed, train_packed  # noqa: F401 (evaluate_packed: re-exported)
-from .train import History, evaluate, sweep, train
+from .train import History, StopTraining, evaluate, sweep, train
 
 __all__ = [
     "init_linear_",
@@ -76,6 +76,18 @@ __all__ = [
     "explorer_run",
     "explorer_grid",
     "explorer_widget",
+    "EXPLODE",
+    "OUTCOMES",
+    "eval_schedule",
+    "Outcome",
+    "outcome_of",
+    "PackedRun",
+    "packed_run",
+    "figure1_runs",
+    "percentile_drift",
+    "lr_outcomes",
+    "outcome_summary",
+    "history_until",
 ]
 
 
@@ -586,19 +598,26 @@ def depth_sweep(x_train, y_train, x_eval, y_eval, *, depths: Sequence[int],
                 seeds: Sequence[int] = (0,), progress: bool = True) -> List[dict]:
     """Train :func:`deep_mlp` (He init, SGD with momentum) for ``steps`` steps at every (arm, depth, seed);
     each record's ``result`` is the :class:`~bnlib.lab.train.History`. ``arms`` are keys of
-    :data:`DEPTH_ARMS`."""
+    :data:`DEPTH_ARMS`. The seeds of one (arm, depth) train side by side (:func:`train_packed`)."""
     for arm in arms:
         if arm not in DEPTH_ARMS:
             raise ValueError(f"arms: expected names from {tuple(DEPTH_ARMS)}, got {arm!r}")
 
-    def one(arm, depth, seed):
-        norm, residual = DEPTH_ARMS[arm]
-        model = deep_mlp(depth, width=width, norm=norm, residual=residual, seed=seed, device=x_train.device)
-        return train(model, x_train, y_train, steps=steps, batch_size=batch_size, lr=lr, momentum=momentum,
-                     x_eval=x_eval, y_eval=y_eval, eval_every=steps, seed=seed)
+    seeds = list(seeds)
 
-    return sweep(one, {"arm": list(arms), "depth": list(depths), "seed": list(seeds)}, progress=progress,
-                 desc="depth sweep")
+    def one(arm, depth):
+        norm, residual = DEPTH_ARMS[arm]
+        models = [deep_mlp(depth, width=width, norm=norm, residual=residual, seed=s, device=x_train.device)
+                  for s in seeds]
+        # the seeds of one (arm, depth) train side by side; a residual block does not pack, so residual
+        # networks stay separate networks behind the same interface (the same runs, without the speed-up)
+        return train_packed(PackedNet(models, pack=not residual), x_train, y_train, seeds=seeds, steps=steps,
+                            batch_size=batch_size, lr=lr, momentum=momentum, x_eval=x_eval, y_eval=y_eval,
+                            eval_every=steps)
+
+    groups = sweep(one, {"arm": list(arms), "depth": list(depths)}, progress=progress, desc="depth sweep")
+    return [{"arm": g["arm"], "depth": g["depth"], "seed": s, "result": h}
+            for g in groups for s, h in zip(seeds, g["result"])]
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -701,3 +720,284 @@ def explorer_widget(x_train, y_train, x_eval, y_eval, *, steps: int = 300, keep:
     if run_now:
         run()
     return panel
+
+
+# --------------------------------------------------------------------------------------------------------
+# Seeds and censoring (issue 13): packed runs on an evaluation schedule, outcomes of a run towards a target
+# --------------------------------------------------------------------------------------------------------
+
+#: A loss that counts as exploding: twice the cross-entropy of a uniform guess over 10 classes (ln 10).
+EXPLODE = 2.0 * math.log(10.0)
+
+OUTCOMES = ("reached", "slow", "diverged")
+
+
+def eval_schedule(steps: int, *, dense: int = 10, dense_until: int = 500, every: int = 50) -> List[int]:
+    """The steps at which a run is evaluated: 0, every ``dense`` steps up to ``dense_until``, then every
+    ``every`` steps, and the last step. Early on, where the fast runs cross their target, a step count read off
+    this grid is exact to ``dense`` steps; later to ``every``."""
+    for name, v in (("steps", steps), ("dense", dense), ("dense_until", dense_until), ("every", every)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "dense_until" else 1):
+            raise ValueError(f"{name}: expected a positive int, got {v!r}")
+    grid = set(range(0, min(dense_until, steps) + 1, dense))
+    grid |= set(range(dense_until - dense_until % every, steps + 1, every)) - set(range(0, dense_until))
+    grid.add(steps)
+    return sorted(t for t in grid if 0 <= t <= steps)
+
+
+@dataclass
+class Outcome:
+    """Where a run towards a target accuracy ended (:func:`outcome_of`).
+
+    ``status``: ``'reached'`` (``steps`` is the first evaluation step at or above the target), ``'diverged'``
+    (its loss became non-finite or exploded: above :data:`EXPLODE` at every evaluation over ``window`` steps;
+    ``at`` is the step it was declared), or ``'slow'`` (neither, within ``cap`` steps: the step count is
+    censored, known only to exceed ``cap``). ``steps`` is ``None`` unless reached, so :func:`speedups` and
+    :func:`bnlib.lab.train.spread` count the others as not reached."""
+
+    status: str
+    steps: Optional[int]
+    cap: int
+    at: Optional[int] = None
+
+    @property
+    def bound(self) -> int:
+        """The step count if reached, else ``cap`` (a lower bound of it for a slow run)."""
+        return self.steps if self.steps is not None else self.cap
+
+    def __str__(self) -> str:
+        if self.status == "reached":
+            return f"{self.steps:,}"
+        return f">{self.cap:,}" if self.status == "slow" else "diverged"
+
+
+def _status(steps, losses, accs, *, target, explode, window):
+    """``(status, step)`` of a run from its evaluations so far; ``(None, None)`` while it is unresolved."""
+    for i, (t, loss, acc) in enumerate(zip(steps, losses, accs)):
+        if target is not None and math.isfinite(loss) and acc >= target:
+            return "reached", t
+        if not math.isfinite(loss):
+            return "diverged", t
+        if t >= 2 * window:
+            recent = [v for s, v in zip(steps[: i + 1], losses[: i + 1]) if s > t - window]
+            if recent and all(not v <= explode for v in recent):
+                return "diverged", t
+    return None, None
+
+
+def outcome_of(history: History, target: float, *, cap: Optional[int] = None, explode: float = EXPLODE,
+               window: int = 250) -> Outcome:
+    """The :class:`Outcome` of a recorded run (its evaluations, at most ``cap`` steps, default: all): reached
+    ``target`` at its first evaluation at or above it; diverged when its evaluation loss became non-finite
+    (or its training loss did), or stayed above ``explode`` at every evaluation of the last ``window`` steps
+    (checked from step ``2 * window`` on); else slow (not reached within ``cap``)."""
+    if not 0.0 < target <= 1.0:
+        raise ValueError(f"target: expected an accuracy in (0, 1], got {target!r}")
+    steps, losses, accs = list(history.eval_steps), list(history.eval_loss), list(history.eval_acc)
+    if cap is None:
+        cap = max(steps[-1] if steps else 0, len(history.train_loss))
+    keep = sum(t <= cap for t in steps)
+    status, at = _status(steps[:keep], losses[:keep], accs[:keep], target=target, explode=explode, window=window)
+    if status is None and history.diverged and len(history.train_loss) <= cap:
+        status, at = "diverged", len(history.train_loss)
+    if status is None:
+        return Outcome("slow", None, int(cap))
+    return Outcome(status, at if status == "reached" else None, int(cap), at)
+
+
+@dataclass
+class PackedRun:
+    """What :func:`packed_run` measured, one entry per network of the pack."""
+
+    histories: List[History]  # evaluations on the schedule, training losses of every step
+    pack: PackedNet
+    probe_steps: List[int] = field(default_factory=list)
+    probes: Optional[np.ndarray] = None  # (networks, probe steps, percentiles)
+    outcomes: Optional[List[Outcome]] = None
+
+
+def _last_sigmoid(pack: PackedNet) -> nn.Module:
+    mods = [m for m in (pack.body if pack.grouped else pack.nets[0]).modules() if isinstance(m, nn.Sigmoid)]
+    if not mods:
+        raise ValueError("models: have no nn.Sigmoid to probe")
+    return mods[-1]
+
+
+@torch.no_grad()
+def _probe_pack(pack: PackedNet, x_probe: torch.Tensor, unit: int, q: torch.Tensor) -> np.ndarray:
+    """``(k, len(q))``: the ``q`` quantiles over ``x_probe`` of the input of unit ``unit`` of the last sigmoid of
+    every network, in training mode (BN normalizes with the probe batch's statistics; running statistics are
+    restored)."""
+    if not pack.grouped:
+        out = []
+        for j in range(pack.k):
+            probe = SigmoidInputProbe(x_probe, unit=unit, q=[float(v) * 100 for v in q], network=j)
+            probe.record(0, pack)
+            out.append(probe.percentiles[0])
+        return np.stack(out)
+    saved = {name: b.clone() for name, b in pack.named_buffers()}
+    captured = {}
+    handle = _last_sigmoid(pack).register_forward_hook(lambda m, inp, out: captured.setdefault("x", inp[0]))
+    was_training = pack.training
+    try:
+        pack.train()
+        pack(x_probe.unsqueeze(1).expand(len(x_probe), pack.k, *x_probe.shape[1:]))
+    finally:
+        handle.remove()
+        pack.train(was_training)
+        for name, b in pack.named_buffers():
+            b.copy_(saved[name])
+    x = captured["x"].reshape(len(x_probe), pack.k, -1)[:, :, unit].cpu()  # (B, k)
+    return torch.quantile(x.double(), q.double(), dim=0).t().numpy()
+
+
+def packed_run(models: Sequence[nn.Sequential], x_train, y_train, x_eval, y_eval, *, seeds: Sequence[int], lr,
+               steps: int, eval_at: Optional[Sequence[int]] = None, batch_size: int = 60,
+               optimizer: str = "sgd", momentum: float = 0.0, target: Optional[float] = None,
+               stop_when_resolved: bool = False, min_steps: int = 0, explode: float = EXPLODE, window: int = 250,
+               x_probe: Optional[torch.Tensor] = None, probe_every: int = 50, unit: int = 0,
+               q: Sequence[float] = (15, 50, 85), pack: bool = True) -> PackedRun:
+    """Train ``models`` (network ``j`` from ``seeds[j]``'s batches, learning rate ``lr`` or ``lr[j]``) side by
+    side as one :class:`PackedNet` with :func:`train_packed`, evaluating every network on ``(x_eval, y_eval)``
+    at the steps ``eval_at`` (default :func:`eval_schedule`) and, with ``x_probe``, recording the ``q``
+    percentiles of the input of unit ``unit`` of each network's last sigmoid every ``probe_every`` steps.
+
+    With ``target``, each network's :class:`Outcome` (:func:`outcome_of` with ``cap=steps``) is returned too, and
+    ``stop_when_resolved`` ends training at the first evaluation (at or after ``min_steps``) at which every
+    network has reached the target or diverged: the same outcomes, without training the decided runs on."""
+    models = list(models)
+    k = len(models)
+    schedule = sorted({int(t) for t in (eval_schedule(steps) if eval_at is None else eval_at) if 0 <= t <= steps}
+                      | {0, steps})
+    at = set(schedule)
+    packed = PackedNet(models, seeds=seeds, pack=pack)
+    ev_steps, ev_loss, ev_acc = [], [], []
+    probe_steps, probe_vals = [], []
+    qt = torch.tensor([float(v) / 100.0 for v in q])
+
+    def measure(t):
+        losses, accs = evaluate_packed(packed, x_eval, y_eval)
+        ev_steps.append(t)
+        ev_loss.append(losses)
+        ev_acc.append(accs)
+
+    def probe(t):
+        probe_steps.append(t)
+        probe_vals.append(_probe_pack(packed, x_probe, unit, qt))
+
+    def resolved() -> bool:
+        L, A = np.array(ev_loss), np.array(ev_acc)
+        return all(_status(ev_steps, list(L[:, j]), list(A[:, j]), target=target, explode=explode,
+                           window=window)[0] is not None for j in range(k))
+
+    def callback(t, model, xb, yb):
+        if x_probe is not None and t % probe_every == 0:
+            probe(t)
+        if t in at:
+            measure(t)
+            if stop_when_resolved and target is not None and t >= min_steps and t < steps and resolved():
+                raise StopTraining
+
+    measure(0)
+    if x_probe is not None:
+        probe(0)
+    hists = train_packed(packed, x_train, y_train, seeds=list(seeds), steps=steps, batch_size=batch_size, lr=lr,
+                         optimizer=optimizer, momentum=momentum, callback=callback)
+    L, A = np.array(ev_loss), np.array(ev_acc)
+    for j, h in enumerate(hists):
+        h.eval_steps = list(ev_steps)
+        h.eval_loss = [float(v) for v in L[:, j]]
+        h.eval_acc = [float(v) for v in A[:, j]]
+    result = PackedRun(hists, packed, probe_steps,
+                       np.stack(probe_vals, 1) if probe_vals else None)
+    if target is not None:
+        result.outcomes = [outcome_of(h, target, cap=steps, explode=explode, window=window) for h in hists]
+    return result
+
+
+def figure1_runs(x_train, y_train, x_eval, y_eval, *, norm: str, seeds: Sequence[int], steps: int = 2500,
+                 lr: float = 1.0, batch_size: int = 60, init=0.05, eval_at: Optional[Sequence[int]] = None,
+                 x_probe: Optional[torch.Tensor] = None, probe_every: int = 50, unit: int = 0) -> PackedRun:
+    """Ioffe & Szegedy's Figure 1 for several seeds: :func:`sigmoid_mlp` (``norm``, weights ~ N(0, init^2))
+    from each seed, trained side by side by :func:`packed_run` (SGD, ``lr``, batch ``batch_size``), evaluated
+    on the schedule ``eval_at`` (default :func:`eval_schedule`), the input of unit ``unit`` of each network's
+    last sigmoid probed on ``x_probe`` every ``probe_every`` steps."""
+    models = [sigmoid_mlp(norm, init=init, seed=s, device=x_train.device) for s in seeds]
+    return packed_run(models, x_train, y_train, x_eval, y_eval, seeds=seeds, lr=lr, steps=steps, eval_at=eval_at,
+                      batch_size=batch_size, x_probe=x_probe, probe_every=probe_every, unit=unit)
+
+
+def percentile_drift(steps: Sequence[int], percentiles: np.ndarray, *, start: int = 500) -> float:
+    """How far the median of a probed input wanders after step ``start``: (max - min) of the 50th percentile
+    over the probes at steps >= ``start``, in units of the mean 15-85 spread. ``percentiles``: ``(steps, 3)``
+    (15th, 50th, 85th)."""
+    P, t = np.asarray(percentiles, dtype=float), np.asarray(steps)
+    if P.ndim != 2 or P.shape[1] != 3 or len(P) != len(t):
+        raise ValueError(f"percentiles: expected shape ({len(t)}, 3), got {P.shape}")
+    P = P[t >= start]
+    if len(P) < 2:
+        raise ValueError(f"steps: expected at least two probes at or after step {start}")
+    return float((P[:, 1].max() - P[:, 1].min()) / np.mean(P[:, 2] - P[:, 0]))
+
+
+def lr_outcomes(x_train, y_train, x_eval, y_eval, *, norm: str, lrs: Sequence[float], seeds: Sequence[int],
+                cap: int, target: float = 0.9, packs: Optional[Sequence[Sequence[float]]] = None,
+                eval_at: Optional[Sequence[int]] = None, batch_size: int = 60, init=0.05,
+                explode: float = EXPLODE, window: int = 250, min_steps: int = 0) -> List[dict]:
+    """The :class:`Outcome` of the Figure 1 network (``norm``) towards ``target`` at every (lr, seed), within
+    ``cap`` SGD steps: records ``{'norm', 'lr', 'seed', 'result': Outcome, 'history': History}`` in (lr, seed)
+    order. ``packs`` groups the learning rates that train side by side (default: one pack per rate); a pack
+    stops once each of its networks has reached the target or diverged, so a group of rates that all resolve
+    early is cheap, and slow runs (censored at ``cap``) are best packed together. ``min_steps``: no pack stops
+    before it (so the runs can be shown up to it, e.g. in the explorer)."""
+    lrs, seeds = [float(v) for v in lrs], list(seeds)
+    packs = [[float(v) for v in p] for p in (packs if packs is not None else [[lr] for lr in lrs])]
+    if sorted(v for p in packs for v in p) != sorted(lrs):
+        raise ValueError(f"packs: expected a partition of lrs={lrs}, got {packs}")
+    found = {}
+    for rates in packs:
+        points = [(lr, s) for lr in rates for s in seeds]
+        models = [sigmoid_mlp(norm, init=init, seed=s, device=x_train.device) for _, s in points]
+        res = packed_run(models, x_train, y_train, x_eval, y_eval, seeds=[s for _, s in points],
+                         lr=[lr for lr, _ in points] if len(rates) > 1 else rates[0], steps=cap, eval_at=eval_at,
+                         batch_size=batch_size, target=target, stop_when_resolved=True, explode=explode,
+                         window=window, min_steps=min_steps)
+        for point, h, o in zip(points, res.histories, res.outcomes):
+            found[point] = (o, h)
+    return [{"norm": norm, "lr": lr, "seed": s, "result": found[(lr, s)][0], "history": found[(lr, s)][1]}
+            for lr in lrs for s in seeds]
+
+
+def outcome_summary(outcomes: Sequence[Outcome]) -> str:
+    """One table cell for the runs of one setting: ``'150 [130, 170]'`` (median [min, max] of the step counts,
+    a slow run counted as ``>cap``), ``'slow: >2,500'``, ``'diverged'``, or a mix such as
+    ``'1,900 [1,700, >2,500]'`` and ``'2 diverged, 1 slow'``."""
+    outcomes = list(outcomes)
+    if not outcomes:
+        raise ValueError("outcomes: expected at least one")
+    n_div = sum(o.status == "diverged" for o in outcomes)
+    rest = [o for o in outcomes if o.status != "diverged"]
+    if not rest:
+        return "diverged" if n_div == len(outcomes) else f"{n_div} diverged"
+    if all(o.status == "slow" for o in rest):
+        cell = f"slow: >{rest[0].cap:,}"
+    else:
+        vals = sorted(float(o.steps) if o.status == "reached" else math.inf for o in rest)
+        mid = len(vals) // 2
+        med = vals[mid] if len(vals) % 2 else 0.5 * (vals[mid - 1] + vals[mid])
+
+        def show(v):
+            return f">{rest[0].cap:,}" if math.isinf(v) else f"{v:,.0f}"
+
+        cell = f"{show(med)} [{show(vals[0])}, {show(vals[-1])}]"
+    return cell + (f", {n_div} diverged" if n_div else "")
+
+
+def history_until(history: History, steps: int, *, every: Optional[int] = None) -> History:
+    """A copy of ``history`` cut at step ``steps``: its first ``steps`` training losses and its evaluations at
+    steps <= ``steps`` (only those at multiples of ``every``, if given), e.g. to show a longer run on the
+    300-step grid of the explorer."""
+    keep = [i for i, t in enumerate(history.eval_steps) if t <= steps and (every is None or t % every == 0)]
+    return History(list(history.train_loss[:steps]), [history.eval_steps[i] for i in keep],
+                   [history.eval_loss[i] for i in keep], [history.eval_acc[i] for i in keep],
+                   history.diverged and len(history.train_loss) <= steps)

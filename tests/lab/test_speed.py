@@ -407,3 +407,137 @@ def test_target_run_reads_a_history():
     assert S.target_run(bad, 0.9).diverged and not S.target_run(h, 0.999).diverged
     with pytest.raises(ValueError, match="target"):
         S.target_run(h, 0.0)
+
+
+# ---- seeds and censoring (issue 13) --------------------------------------------------------------------
+
+def test_eval_schedule_dense_then_sparse():
+    grid = S.eval_schedule(1200)
+    assert grid[:3] == [0, 10, 20] and 500 in grid and 510 not in grid and 550 in grid and grid[-1] == 1200
+    assert S.eval_schedule(1234)[-1] == 1234 and S.eval_schedule(300) == list(range(0, 301, 10))
+    assert S.eval_schedule(600, dense=50) == list(range(0, 601, 50))
+    for bad in (0, -5, 2.5, True):
+        with pytest.raises(ValueError, match="steps"):
+            S.eval_schedule(bad)
+
+
+def _history(steps, losses, accs, train_steps=None, diverged=False):
+    n = steps[-1] if train_steps is None else train_steps
+    return History([1.0] * n, list(steps), list(losses), list(accs), diverged)
+
+
+def test_outcome_of_reached_slow_diverged():
+    steps = list(range(0, 1001, 50))
+    reached = _history(steps, [2.3] * len(steps), [0.1] * 10 + [0.92] * 11)
+    o = S.outcome_of(reached, 0.9, cap=1000)
+    assert (o.status, o.steps, o.bound, str(o)) == ("reached", 500, 500, "500")
+    slow = _history(steps, [2.3] * len(steps), [0.5] * len(steps))
+    o = S.outcome_of(slow, 0.9, cap=1000)
+    assert (o.status, o.steps, o.bound, str(o)) == ("slow", None, 1000, ">1,000")
+    # censoring: the same run read with a cap before its hit is slow
+    assert S.outcome_of(reached, 0.9, cap=450).status == "slow"
+    exploding = _history(steps, [2.3] * 4 + [9.0] * 17, [0.1] * len(steps))
+    o = S.outcome_of(exploding, 0.9, cap=1000)
+    assert (o.status, o.steps, o.at, str(o)) == ("diverged", None, 500, "diverged")
+    # an early spike that settles is not divergence (checked from step 2 * window on)
+    spike = _history(steps, [9.0] * 5 + [1.0] * 16, [0.1] * len(steps))
+    assert S.outcome_of(spike, 0.9, cap=1000).status == "slow"
+    nan = _history(steps[:5], [2.3, 2.3, float("nan"), 2.3, 2.3], [0.1] * 5)
+    assert S.outcome_of(nan, 0.9).status == "diverged"
+    nonfinite_train = _history(steps[:3], [2.3] * 3, [0.1] * 3, train_steps=70, diverged=True)
+    assert S.outcome_of(nonfinite_train, 0.9, cap=1000).status == "diverged"
+    with pytest.raises(ValueError, match="target"):
+        S.outcome_of(slow, 1.5)
+
+
+def test_outcome_summary_cells():
+    def o(status, steps=None, cap=1000):
+        return S.Outcome(status, steps if status == "reached" else None, cap, steps)
+
+    assert S.outcome_summary([o("reached", 150), o("reached", 200), o("reached", 170)]) == "170 [150, 200]"
+    assert S.outcome_summary([o("slow")] * 3) == "slow: >1,000"
+    assert S.outcome_summary([o("diverged", 500)] * 3) == "diverged"
+    assert S.outcome_summary([o("reached", 900), o("slow"), o("slow")]) == ">1,000 [900, >1,000]"
+    assert S.outcome_summary([o("reached", 900), o("reached", 800), o("slow")]) == "900 [800, >1,000]"
+    assert S.outcome_summary([o("reached", 900), o("diverged", 500), o("slow")]) == ">1,000 [900, >1,000], 1 diverged"
+    assert S.outcome_summary([o("slow"), o("diverged", 500), o("diverged", 500)]) == "slow: >1,000, 2 diverged"
+    with pytest.raises(ValueError, match="outcomes"):
+        S.outcome_summary([])
+
+
+def test_packed_run_evaluates_on_schedule_and_probes_each_network(data):
+    xtr, ytr, xte, yte = data
+    seeds = [0, 1]
+    models = [S.sigmoid_mlp("bn", hidden=(16, 16), seed=s) for s in seeds]
+    res = S.packed_run(models, xtr, ytr, xte, yte, seeds=seeds, lr=0.5, steps=40, eval_at=[0, 5, 17, 40],
+                       batch_size=20, x_probe=xte[:50], probe_every=20)
+    assert [h.eval_steps for h in res.histories] == [[0, 5, 17, 40]] * 2
+    assert res.probe_steps == [0, 20, 40] and res.probes.shape == (2, 3, 3)
+    assert np.all(np.diff(res.probes, axis=2) >= 0)  # 15th <= 50th <= 85th
+    # each network's final evaluation is that of the unpacked network; its probe that of SigmoidInputProbe
+    for j in range(2):
+        net = res.pack.unpack(j)
+        loss, acc = evaluate(net, xte, yte)
+        assert abs(acc - res.histories[j].eval_acc[-1]) < 1e-9 and abs(loss - res.histories[j].eval_loss[-1]) < 1e-4
+        probe = S.SigmoidInputProbe(xte[:50], unit=0)
+        probe.record(40, net)
+        np.testing.assert_allclose(probe.percentiles[0], res.probes[j, -1], rtol=1e-4, atol=1e-5)
+    # probing leaves the running statistics alone
+    before = {k: v.clone() for k, v in res.pack.named_buffers()}
+    S._probe_pack(res.pack, xte[:50], 0, torch.tensor([0.5]))
+    assert all(torch.equal(before[k], v) for k, v in res.pack.named_buffers())
+    # the same as train() per seed, evaluated at the same steps
+    single = train(S.sigmoid_mlp("bn", hidden=(16, 16), seed=1), xtr, ytr, steps=40, batch_size=20, lr=0.5,
+                   x_eval=xte, y_eval=yte, eval_every=40, seed=1)
+    assert abs(single.final_acc - res.histories[1].final_acc) < 0.02
+
+
+def test_packed_run_stops_when_resolved_with_outcomes(data):
+    xtr, ytr, xte, yte = data
+    seeds = [0, 1]
+    models = [S.sigmoid_mlp("bn", hidden=(16,), seed=s) for s in seeds]
+    res = S.packed_run(models, xtr, ytr, xte, yte, seeds=seeds, lr=1.0, steps=300, eval_at=range(0, 301, 10),
+                       batch_size=30, target=0.5, stop_when_resolved=True, min_steps=40)
+    assert all(o.status == "reached" for o in res.outcomes)
+    last = max(o.steps for o in res.outcomes)
+    assert res.histories[0].eval_steps[-1] == max(last, 40) < 300  # stopped at the evaluation that resolved all
+    assert len(res.histories[0].train_loss) == res.histories[0].eval_steps[-1]
+
+
+def test_lr_outcomes_records_and_packs(data):
+    xtr, ytr, xte, yte = data
+    kw = dict(norm="bn", lrs=[0.3, 3.0], seeds=[0, 1], cap=60, target=0.99, eval_at=range(0, 61, 20))
+    recs = S.lr_outcomes(xtr, ytr, xte, yte, **kw)
+    assert [(r["lr"], r["seed"]) for r in recs] == [(0.3, 0), (0.3, 1), (3.0, 0), (3.0, 1)]
+    assert all(isinstance(r["result"], S.Outcome) and r["result"].cap == 60 for r in recs)
+    together = S.lr_outcomes(xtr, ytr, xte, yte, packs=[[0.3, 3.0]], **kw)
+    for a, b in zip(recs, together):
+        assert a["result"].status == b["result"].status
+        assert abs(a["history"].final_acc - b["history"].final_acc) < 0.02
+    with pytest.raises(ValueError, match="packs"):
+        S.lr_outcomes(xtr, ytr, xte, yte, packs=[[0.3]], **kw)
+
+
+def test_percentile_drift_and_history_until():
+    steps = [0, 250, 500, 750, 1000]
+    P = np.array([[-1.0, 0.0, 1.0], [-1, 5, 1], [-1, 0.2, 1], [-1, 0.6, 1], [-1, 0.4, 1]])
+    assert S.percentile_drift(steps, P) == pytest.approx(0.4 / 2)
+    with pytest.raises(ValueError, match="percentiles"):
+        S.percentile_drift(steps, P[:, :2])
+    with pytest.raises(ValueError, match="steps"):
+        S.percentile_drift(steps, P, start=1000)
+    h = History([1.0] * 400, [0, 10, 50, 100, 150, 300, 350], [2.0] * 7, [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7])
+    cut = S.history_until(h, 300, every=50)
+    assert cut.eval_steps == [0, 50, 100, 150, 300] and cut.eval_acc == [0.1, 0.3, 0.4, 0.5, 0.6]
+    assert len(cut.train_loss) == 300 and cut.final_acc == 0.6 and not cut.diverged
+
+
+def test_depth_sweep_packs_seeds_and_keeps_residual_separate(data):
+    xtr, ytr, xte, yte = data
+    recs = S.depth_sweep(xtr, ytr, xte, yte, depths=[3], arms=["plain + BN", "residual + BN"], steps=10, width=8,
+                         seeds=[0, 1], progress=False)
+    assert [(r["arm"], r["seed"]) for r in recs] == [("plain + BN", 0), ("plain + BN", 1), ("residual + BN", 0),
+                                                     ("residual + BN", 1)]
+    single = train(S.deep_mlp(3, width=8, norm="bn", seed=1), xtr, ytr, steps=10, batch_size=60, lr=0.02,
+                   momentum=0.9, x_eval=xte, y_eval=yte, eval_every=10, seed=1)
+    assert abs(single.final_acc - recs[1]["result"].final_acc) < 0.02
