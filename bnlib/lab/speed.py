@@ -48,7 +48,13 @@ from torch import nn
 
 from .._setup import derive_seed, generator
 from .models import make_norm, mlp
-from .packed import PackedNet, evaluate_packed, train_packed  # noqa: F401 (evaluate_packed: re-exported)
+from .packed import (  # noqa: F401 (evaluate_packed: re-exported)
+    PackedNet,
+    _packed_norm,
+    _PackedLinear,
+    evaluate_packed,
+    train_packed,
+)
 from .train import History, StopTraining, evaluate, sweep, train
 
 __all__ = [
@@ -70,6 +76,7 @@ __all__ = [
     "regularization_sweep",
     "bn_output_noise",
     "ResidualBlock",
+    "ResidualPackedNet",
     "deep_mlp",
     "gradient_norms",
     "depth_sweep",
@@ -550,6 +557,64 @@ class ResidualBlock(nn.Module):
         return h + self.linear(self.act(self.norm(h)))
 
 
+class _PackedResidualBlock(nn.Module):
+    """The :class:`ResidualBlock` s of ``k`` networks as one block on ``(B, k * width)``: their norms packed
+    (per-channel statistics never span two networks), one ReLU, their linears packed."""
+
+    def __init__(self, blocks: Sequence[ResidualBlock], k: int):
+        super().__init__()
+        ref = blocks[0]
+        self.norm = nn.Identity() if isinstance(ref.norm, nn.Identity) else _packed_norm([b.norm for b in blocks], k)
+        self.act = nn.ReLU()
+        self.linear = _PackedLinear([b.linear for b in blocks])
+
+    def forward(self, h):
+        return h + self.linear(self.act(self.norm(h)))
+
+
+@torch.no_grad()
+def _unpack_layer(dst: nn.Module, src: nn.Module, j: int) -> None:
+    """Copy network ``j``'s slice of the packed layer ``src`` into the single layer ``dst``."""
+    if isinstance(src, _PackedLinear):
+        dst.weight.copy_(src.weight[j])
+        if dst.bias is not None:
+            dst.bias.copy_(src.bias[j])
+        return
+    if isinstance(src, _PackedResidualBlock):
+        _unpack_layer(dst.norm, src.norm, j)
+        _unpack_layer(dst.linear, src.linear, j)
+        return
+    own = dst.state_dict()
+    if own:
+        dst.load_state_dict({key: t.clone() if t.dim() == 0 else
+                             t[j * own[key].shape[0]:(j + 1) * own[key].shape[0]].clone()
+                             for key, t in src.state_dict().items()})
+
+
+class ResidualPackedNet(PackedNet):
+    """:class:`~bnlib.lab.packed.PackedNet` that also packs :class:`ResidualBlock` s (the networks of
+    :func:`deep_mlp` with ``residual=True``): the same runs as ``k`` separate networks, up to float rounding,
+    in one pass per step. ``tests/lab/test_speed.py`` checks it against the unpacked networks."""
+
+    def _pack_layer(self, mods: Sequence[nn.Module]) -> nn.Module:
+        if isinstance(mods[0], ResidualBlock):
+            return _PackedResidualBlock(mods, self.k)
+        return super()._pack_layer(mods)
+
+    @torch.no_grad()
+    def unpack(self, j: int) -> nn.Sequential:
+        if not self.grouped:
+            return super().unpack(j)
+        if isinstance(j, bool) or not isinstance(j, int) or not 0 <= j < self.k:
+            raise ValueError(f"j: expected a network index in [0, {self.k}), got {j!r}")
+        param = next(self.body.parameters(), None)
+        net = copy.deepcopy(self._template).to(param.device if param is not None else "cpu")
+        for dst, src in zip(net, self.body):
+            _unpack_layer(dst, src, j)
+        net.train(self.training)
+        return net
+
+
 def deep_mlp(depth: int, *, width: int = 64, norm: str = "none", residual: bool = False, init="he",
              seed: int = 0, device=None) -> nn.Sequential:
     """A ReLU MLP with ``depth`` hidden layers of ``width`` units: 784 -> ``depth`` x ``width`` -> 10.
@@ -609,9 +674,8 @@ def depth_sweep(x_train, y_train, x_eval, y_eval, *, depths: Sequence[int],
         norm, residual = DEPTH_ARMS[arm]
         models = [deep_mlp(depth, width=width, norm=norm, residual=residual, seed=s, device=x_train.device)
                   for s in seeds]
-        # the seeds of one (arm, depth) train side by side; a residual block does not pack, so residual
-        # networks stay separate networks behind the same interface (the same runs, without the speed-up)
-        return train_packed(PackedNet(models, pack=not residual), x_train, y_train, seeds=seeds, steps=steps,
+        # the seeds of one (arm, depth) train side by side (residual blocks: ResidualPackedNet)
+        return train_packed(ResidualPackedNet(models), x_train, y_train, seeds=seeds, steps=steps,
                             batch_size=batch_size, lr=lr, momentum=momentum, x_eval=x_eval, y_eval=y_eval,
                             eval_every=steps)
 

@@ -245,6 +245,26 @@ def test_depth_sweep_records(data):
         S.depth_sweep(xtr, ytr, xte, yte, depths=[2], arms=["bogus"])
 
 
+@pytest.mark.parametrize("norm", ["bn", "none"])
+def test_residual_packed_net_matches_separate_networks(data, norm):
+    xtr, ytr, xte, yte = data
+    models = [S.deep_mlp(4, width=16, norm=norm, residual=True, seed=s) for s in (0, 1, 2)]
+    packed, separate = S.ResidualPackedNet(models), PackedNet(models, pack=False)
+    assert packed.grouped and not separate.grouped
+    for j, model in enumerate(models):  # unpacking returns each network's initial weights
+        for (name, a), b in zip(packed.unpack(j).state_dict().items(), model.state_dict().values()):
+            assert torch.equal(a, b), name
+    kw = dict(seeds=[0, 1, 2], steps=15, batch_size=30, lr=0.01, momentum=0.9, x_eval=xte, y_eval=yte, eval_every=15)
+    hp, hs = train_packed(packed, xtr, ytr, **kw), train_packed(separate, xtr, ytr, **kw)
+    for a, b in zip(hp, hs):  # the same runs, up to float rounding
+        np.testing.assert_allclose(a.train_loss, b.train_loss, rtol=1e-4, atol=1e-5)
+    for j in range(3):
+        for (name, a), b in zip(packed.unpack(j).state_dict().items(), separate.unpack(j).state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="network index"):
+        packed.unpack(3)
+
+
 # ---- section 7 ----------------------------------------------------------------------------------------
 
 def test_explorer_run_deterministic_and_bn_flag(data):
