@@ -62,6 +62,8 @@ from .packed import SCHEDULES, PackedNet, evaluate_packed, lr_at, train_packed
 from .train import History, progress_bar
 
 __all__ = [
+    "error_se",
+    "RenormKwargs",
     "CUBE_METHODS",
     "STAT_AXES",
     "stats_mask",
@@ -419,6 +421,47 @@ def norm_kwargs_for(spec, batch_size: int) -> dict:
     if not isinstance(out, dict):
         raise ValueError(f"norm_kwargs: expected a dict (or a function of the batch size returning one), got {out!r}")
     return dict(out)
+
+
+def error_se(error, n: int):
+    """The standard error of an error rate measured on ``n`` independent examples, ``sqrt(p (1 - p) / n)``
+    (binomial; ``error`` a fraction or an array of them): the part of an entry's noise that comes from the
+    finite validation set alone (another seed adds the training noise)."""
+    n = _checks.check_positive_int("n", n)
+    p = np.asarray(error, dtype=float)
+    if np.any((p < 0) | (p > 1)):
+        raise ValueError(f"error: expected fractions in [0, 1], got {error!r}")
+    return np.sqrt(p * (1.0 - p) / n)
+
+
+@dataclass(frozen=True)
+class RenormKwargs:
+    """``norm_kwargs['brn']`` for :func:`batch_size_sweep` with Ioffe's schedule scaled to each run: called
+    with the batch size, it gives the final limits and a
+    :class:`bnlib.numpy.batch_renorm.RenormSchedule` whose relaxation ends at ``fraction`` of the run's
+    ``examples // batch_size`` steps, in the paper's proportions (warm-up of plain batch norm for 1/8 of it,
+    ``d_max`` relaxed by 5/8, ``r_max`` by the end: 5k, 25k and 40k steps in the paper). A dataclass, not a
+    closure, so that it pickles to the sweep's worker processes."""
+
+    r_max: float
+    d_max: float
+    examples: int
+    fraction: float = 0.5
+
+    def __post_init__(self) -> None:
+        _checks.check_renorm_limits(self.r_max, self.d_max)
+        _checks.check_positive_int("examples", self.examples)
+        if not (isinstance(self.fraction, (int, float)) and 0 < self.fraction <= 1):
+            raise ValueError(f"fraction: expected a number in (0, 1], got {self.fraction!r}")
+
+    def schedule(self, batch_size: int):
+        from ..numpy.batch_renorm import RenormSchedule
+
+        steps = self.examples // _checks.check_positive_int("batch_size", batch_size)
+        return RenormSchedule.ioffe2017(max(1, round(self.fraction * steps)))
+
+    def __call__(self, batch_size: int) -> dict:
+        return {"r_max": self.r_max, "d_max": self.d_max, "schedule": self.schedule(batch_size)}
 
 
 def _prepare(x: torch.Tensor) -> torch.Tensor:

@@ -68,6 +68,7 @@ __all__ = [
     "train_on_batches",
     "renorm_schedule",
     "set_renorm_limits",
+    "judge_conditions",
 ]
 
 #: The defaults of the two frameworks (``momentum`` in each framework's own meaning).
@@ -511,3 +512,27 @@ def set_renorm_limits(model: nn.Module, r_max: float, d_max: float) -> int:
             m.r_max, m.d_max = float(r_max), float(d_max)
             count += 1
     return count
+
+
+def judge_conditions(claim: str, effects: dict, *, margin: float, fmt: str = ".2f", unit: str = ""):
+    """The book's verdict (:func:`bnlib.lab.report.judge`) on a claim measured in several conditions.
+
+    ``effects``: ``{condition: per-seed effects}`` (the same seeds in every condition, positive in the claim's
+    direction). The claim holds in every condition when each seed's *smallest* effect over the conditions
+    exceeds the margin, so the verdict is judged on those minima; when it does not, but the claim holds (every
+    seed above the margin) in some conditions, the verdict is judged on the first of them and is at most
+    'qualified', naming them (``partial``); otherwise (no condition holds) it is judged on the minima.
+    """
+    from .report import judge
+
+    if not isinstance(effects, dict) or not effects:
+        raise ValueError(f"effects: expected a non-empty dict {{condition: per-seed effects}}, got {effects!r}")
+    arrays = {k: np.asarray(list(v), dtype=float) for k, v in effects.items()}
+    sizes = {len(a) for a in arrays.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"effects: expected the same number of seeds in every condition, got {sorted(sizes)}")
+    worst = np.min(np.stack(list(arrays.values())), axis=0)
+    holding = [k for k, a in arrays.items() if a.min() > margin]
+    if worst.min() > margin or not holding:
+        return judge(claim, worst, margin=margin, fmt=fmt, unit=unit)
+    return judge(claim, arrays[holding[0]], margin=margin, fmt=fmt, unit=unit, partial=", ".join(holding))

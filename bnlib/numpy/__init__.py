@@ -41,7 +41,7 @@ before any running statistic is touched (see :mod:`bnlib._checks`).
 """
 from .batch_layer_norm import batch_layer_norm, batch_layer_norm_backward, bln_weights
 from .batch_norm import batch_norm, batch_norm_backward, keras_batch_norm
-from .batch_renorm import batch_renorm, batch_renorm_backward, renorm_factors
+from .batch_renorm import RenormSchedule, batch_renorm, batch_renorm_backward, renorm_factors
 from .group_norm import group_norm, group_norm_backward
 from .instance_norm import instance_norm, instance_norm_backward
 from .layer_norm import layer_norm, layer_norm_backward
@@ -75,5 +75,5 @@ __all__ = [
     "naive_var", "two_pass_var", "welford_var", "channel_stats",
     "Module", "BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "LayerNorm", "GroupNorm",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d", "BatchLayerNorm",
-    "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "RMSNorm",
+    "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "RenormSchedule", "RMSNorm",
 ]

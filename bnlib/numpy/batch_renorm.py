@@ -16,8 +16,16 @@ that a batch-renorm layer's state is interchangeable with a ``BatchNorm`` layer'
 the running statistics, ``y = weight * (x - running_mean) / sigma + bias``, exactly as batch norm.
 
 ``r_max = 1, d_max = 0`` gives ``r = 1, d = 0``: plain batch norm, bit for bit (the paper's warm-up).
+
+The paper does not clip with the final limits from the first step: it trains with ``r_max = 1, d_max = 0``
+(plain batch norm) for the first 5,000 steps, then relaxes the limits linearly to ``d_max = 5`` by step
+25,000 and ``r_max = 3`` by step 40,000. :class:`RenormSchedule` is that schedule (any step counts); the
+modules take it as ``schedule=`` and read the step from their ``num_batches_tracked`` buffer.
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Tuple
 
 import numpy as np
 
@@ -28,7 +36,62 @@ from .batch_norm import _forward as _bn_forward
 from .batch_norm import _validate as _bn_validate
 from .stats import _affine, _as_abl, _moments, _norm_grad
 
-__all__ = ["batch_renorm", "batch_renorm_backward", "renorm_factors"]
+__all__ = ["batch_renorm", "batch_renorm_backward", "renorm_factors", "RenormSchedule"]
+
+
+@dataclass(frozen=True)
+class RenormSchedule:
+    """Ioffe 2017's schedule of the clipping limits, as a function of the training step.
+
+    ``step`` counts the training steps taken *before* the current one (0 for the first; the modules pass their
+    ``num_batches_tracked`` before this step's increment). For ``step < warmup_steps`` the limits are
+    ``(1, 0)``, plain batch norm; from ``warmup_steps`` on, ``r_max`` grows linearly from 1 to its final value,
+    reached at ``r_max_steps``, and ``d_max`` from 0 to its final value, reached at ``d_max_steps``. The final
+    values are the layer's ``r_max`` and ``d_max``. The paper's schedule is
+    ``RenormSchedule(5_000, 40_000, 25_000)``; :meth:`ioffe2017` scales it to another run length.
+
+    >>> RenormSchedule(5_000, 40_000, 25_000).limits(15_000, 3.0, 5.0)
+    (1.5714285714285714, 2.5)
+    """
+
+    warmup_steps: int
+    r_max_steps: int
+    d_max_steps: int
+
+    def __post_init__(self) -> None:
+        warmup = _checks.check_int("warmup_steps", self.warmup_steps, 0)
+        _checks.check_int("r_max_steps", self.r_max_steps, warmup)
+        _checks.check_int("d_max_steps", self.d_max_steps, warmup)
+
+    @classmethod
+    def ioffe2017(cls, steps: int = 40_000) -> "RenormSchedule":
+        """The paper's schedule (5k steps of batch norm, ``d_max`` relaxed by 25k, ``r_max`` by 40k) scaled so
+        that ``r_max`` reaches its final value at ``steps``: warm-up ``steps / 8``, ``d_max`` at ``5 steps / 8``
+        (rounded to whole steps)."""
+        steps = _checks.check_positive_int("steps", steps)
+        return cls(round(steps * 5 / 40), steps, round(steps * 25 / 40))
+
+    @staticmethod
+    def _ramp(step: int, start: int, end: int) -> float:
+        if step < start:
+            return 0.0
+        return 1.0 if end <= start else min((step - start) / (end - start), 1.0)
+
+    def limits(self, step: int, r_max: float = 3.0, d_max: float = 5.0) -> Tuple[float, float]:
+        """``(r_max, d_max)`` in force at ``step`` (an int >= 0), relaxing towards the final ``r_max``, ``d_max``."""
+        step = _checks.check_int("step", step, 0)
+        r_max, d_max = _checks.check_renorm_limits(r_max, d_max)
+        if step < self.warmup_steps:
+            return 1.0, 0.0
+        return (1.0 + (r_max - 1.0) * self._ramp(step, self.warmup_steps, self.r_max_steps),
+                d_max * self._ramp(step, self.warmup_steps, self.d_max_steps))
+
+
+def check_schedule(schedule):
+    """``schedule`` must be ``None`` or a :class:`RenormSchedule` (a ``TypeError`` naming it otherwise)."""
+    if schedule is not None and not isinstance(schedule, RenormSchedule):
+        raise TypeError(f"schedule: expected None or a RenormSchedule, got {type(schedule).__name__} {schedule!r}")
+    return schedule
 
 
 def _validate(x, running_mean, running_var, weight, bias, training, eps, r_max, d_max, will_update):

@@ -283,19 +283,33 @@ class BatchNorm3d(_BatchNorm):
 class _BatchRenorm(_NormBase):
     """Batch renormalization (Ioffe 2017); see :mod:`bnlib.numpy.batch_renorm`. Always tracks running stats.
 
-    ``r_max`` and ``d_max`` are plain attributes, so a training loop can follow the paper's schedule (start
-    at ``r_max=1, d_max=0``, plain batch norm, then relax them).
+    ``r_max`` and ``d_max`` are plain attributes (the final limits). ``schedule`` (default ``None``: the limits
+    apply from the first step) is a :class:`bnlib.numpy.batch_renorm.RenormSchedule`: the paper's warm-up with
+    ``r_max=1, d_max=0`` (plain batch norm), then limits relaxed linearly to ``r_max``, ``d_max``. The step is
+    the ``num_batches_tracked`` buffer (training steps so far), so a saved and reloaded state resumes the
+    schedule where it was; :meth:`current_limits` gives the limits the next training step will use.
     """
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, affine=True, r_max=3.0, d_max=5.0, *, bias=True,
-                 dtype=None):
+                 dtype=None, schedule=None):
+        r_max, d_max = _checks.check_renorm_limits(r_max, d_max)
+        schedule = _brn.check_schedule(schedule)
         super().__init__(num_features, eps, momentum, affine, True, bias=bias, dtype=dtype)
-        self.r_max, self.d_max = _checks.check_renorm_limits(r_max, d_max)
+        self.r_max, self.d_max = r_max, d_max
+        self.schedule = schedule
         self.r = self.d = None  # the factors of the last training forward
+
+    def current_limits(self):
+        """``(r_max, d_max)`` that the next training step uses (the schedule's at ``num_batches_tracked``)."""
+        r_max, d_max = _checks.check_renorm_limits(self.r_max, self.d_max)
+        if _brn.check_schedule(self.schedule) is None:
+            return r_max, d_max
+        return self.schedule.limits(int(self.num_batches_tracked), r_max, d_max)
 
     def forward(self, x):
         x = self._check_input(x)
-        r_max, d_max = _checks.check_renorm_limits(self.r_max, self.d_max)
+        r_max, d_max = self.current_limits() if self.training else _checks.check_renorm_limits(self.r_max,
+                                                                                                self.d_max)
         training = self.training
         x, rm, rv, w, b = _brn._validate(x, self.running_mean, self.running_var, self.weight, self.bias,
                                          training, self.eps, r_max, d_max, training)
@@ -316,8 +330,9 @@ class _BatchRenorm(_NormBase):
         return _bn._backward_eval(dy, x, self.weight, stats[0], stats[1], self.eps)
 
     def extra_repr(self):
-        return (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
-                f"bias={self.bias is not None}, r_max={self.r_max}, d_max={self.d_max}")
+        s = (f"{self.num_features}, eps={self.eps}, momentum={self.momentum}, affine={self.affine}, "
+             f"bias={self.bias is not None}, r_max={self.r_max}, d_max={self.d_max}")
+        return s if self.schedule is None else s + f", schedule={self.schedule}"
 
 
 class BatchRenorm1d(_BatchRenorm):

@@ -2,8 +2,8 @@
 
 Modules (same constructor arguments, parameter/buffer names and state dicts as ``torch.nn``):
 ``BatchNorm1d``, ``BatchNorm2d``, ``BatchNorm3d``, ``LayerNorm``, ``RMSNorm``, ``GroupNorm``, ``InstanceNorm1d``,
-``InstanceNorm2d``, ``InstanceNorm3d``; and the variants ``BatchRenorm1d``, ``BatchRenorm2d``, ``BatchRenorm3d``,
-``BatchLayerNorm``, ``GhostBatchNorm1d``, ``GhostBatchNorm2d``.
+``InstanceNorm2d``, ``InstanceNorm3d``; and the variants ``BatchRenorm1d``, ``BatchRenorm2d``, ``BatchRenorm3d``
+(with an optional warm-up ``RenormSchedule``), ``BatchLayerNorm``, ``GhostBatchNorm1d``, ``GhostBatchNorm2d``.
 
 Functions: :mod:`bnlib.torch.functional` (``batch_norm``, ``layer_norm``, ``rms_norm``, ``group_norm``,
 ``instance_norm``, ``batch_renorm``, ``batch_layer_norm``, ``ghost_batch_norm``).
@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from . import functional
 from ._batch_norm import VERIFIED_TRITON_ARCHS, VerifiedArch
+from ._batch_renorm import RenormSchedule
 from .convert import convert
 from .diagnostics import LayerStats, UpdateRatio, grad_data_ratios, update_ratio
 from .fold import FoldReport, fold_batchnorm
@@ -51,7 +52,7 @@ __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
     "LayerNorm", "RMSNorm", "GroupNorm",
     "InstanceNorm1d", "InstanceNorm2d", "InstanceNorm3d",
-    "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "BatchLayerNorm",
+    "BatchRenorm1d", "BatchRenorm2d", "BatchRenorm3d", "RenormSchedule", "BatchLayerNorm",
     "GhostBatchNorm1d", "GhostBatchNorm2d", "ghost_batch_norm",
     "convert", "fold_batchnorm", "FoldReport",
     "LayerStats", "UpdateRatio", "update_ratio", "grad_data_ratios",

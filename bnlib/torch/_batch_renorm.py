@@ -13,6 +13,10 @@ with no gradient through ``r`` and ``d`` (they are treated as constants). The ba
 ``dbeta = sum(dy)``. Running statistics then follow PyTorch's convention (momentum weights the new batch,
 unbiased variance stored). Evaluation normalizes with the running statistics, exactly as batch norm.
 With ``r_max = 1`` and ``d_max = 0`` it *is* batch norm. ``once_differentiable``: no double backward.
+
+:class:`RenormSchedule` (the paper's warm-up and relaxation of ``r_max`` and ``d_max`` over the training steps)
+is the NumPy reference's class, shared so that both implementations follow the same schedule; the modules
+``BatchRenorm1d/2d/3d`` take it as ``schedule=``.
 """
 from __future__ import annotations
 
@@ -22,10 +26,11 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from .. import _checks
+from ..numpy.batch_renorm import RenormSchedule, check_schedule
 from ._batch_norm import BatchNormFunction, bn_backward, bn_train_forward, check_batch_norm_args
 from ._common import cast_like, compute_dtype, save_norm_context, saved_norm_context, update_running_stats
 
-__all__ = ["batch_renorm"]
+__all__ = ["batch_renorm", "RenormSchedule", "check_schedule"]
 
 
 class BatchRenormFunction(torch.autograd.Function):

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import numbers
 import warnings
-from typing import Optional, Sequence, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -39,6 +39,7 @@ from torch.nn import Parameter, init
 from .. import _checks
 from . import functional as BF
 from ._batch_norm import BACKENDS, _check_convention, apply_batch_norm, check_batch_norm_args, quick_args_ok
+from ._batch_renorm import RenormSchedule, check_schedule
 
 __all__ = [
     "BatchNorm1d", "BatchNorm2d", "BatchNorm3d",
@@ -276,32 +277,60 @@ class BatchNorm3d(_BatchNorm):
 
 # ----------------------------------------------------------------------------------------------------------
 class _BatchRenorm(_BatchNorm):
-    """Batch renormalization (Ioffe 2017). ``r_max`` and ``d_max`` are plain attributes, so a training loop
-    can relax them on a schedule (the paper starts with ``r_max=1, d_max=0``, i.e. batch norm). Running
-    statistics are required (``track_running_stats=True``); in evaluation it is batch norm with them."""
+    """Batch renormalization (Ioffe 2017). Running statistics are required (``track_running_stats=True``); in
+    evaluation it is batch norm with them.
+
+    ``r_max`` and ``d_max`` are plain attributes: the final clipping limits. ``schedule`` (keyword, default
+    ``None``: the limits apply from the first step, as before) is a :class:`RenormSchedule`, the paper's
+    warm-up: ``r_max=1, d_max=0`` (plain batch norm) for ``schedule.warmup_steps`` training steps, then linear
+    ramps to ``r_max`` (reached at ``schedule.r_max_steps``) and ``d_max`` (at ``schedule.d_max_steps``). The
+    step is the ``num_batches_tracked`` buffer, so the schedule is saved and restored with the state dict and
+    restarts with :meth:`reset_running_stats`; :meth:`current_limits` gives the limits of the next training
+    step. (With a schedule each training forward reads the counter, ``int(num_batches_tracked)``: one device
+    synchronization on CUDA.)"""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: Optional[float] = 0.1,
                  affine: bool = True, track_running_stats: bool = True, device=None, dtype=None, *,
-                 bias: bool = True, r_max: float = 3.0, d_max: float = 5.0) -> None:
+                 bias: bool = True, r_max: float = 3.0, d_max: float = 5.0,
+                 schedule: Optional[RenormSchedule] = None) -> None:
         if not track_running_stats:
             raise ValueError("track_running_stats: expected True (batch renormalization needs running "
                              "statistics), got False")
         _checks.check_renorm_limits(r_max, d_max)
+        check_schedule(schedule)
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
                          backend="torch")
         self.r_max = r_max
         self.d_max = d_max
+        self.schedule = schedule
+
+    def current_limits(self) -> Tuple[float, float]:
+        """``(r_max, d_max)`` that the next training step uses (the schedule's at ``num_batches_tracked``)."""
+        r_max, d_max = _checks.check_renorm_limits(self.r_max, self.d_max)
+        schedule = check_schedule(self.__dict__.get("schedule"))
+        if schedule is None:
+            return r_max, d_max
+        return schedule.limits(int(self.num_batches_tracked), r_max, d_max)
 
     def _validate(self, input, running_mean, running_var, training) -> None:
         super()._validate(input, running_mean, running_var, training)
         _checks.check_renorm_limits(self.r_max, self.d_max)
+        if check_schedule(self.__dict__.get("schedule")) is not None and self.num_batches_tracked is None:
+            raise ValueError("schedule: needs the num_batches_tracked buffer (the step count), got None")
 
     def _functional(self, input, running_mean, running_var, weight, bias, training, momentum, eps):
+        r_max, d_max = self.r_max, self.d_max
+        schedule = self.__dict__.get("schedule")
+        if training and self.training and schedule is not None:
+            # forward has already counted this step: the steps taken before it are num_batches_tracked - 1
+            r_max, d_max = schedule.limits(int(self.num_batches_tracked) - 1, r_max, d_max)
         return BF.batch_renorm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                               r_max=self.r_max, d_max=self.d_max)
+                               r_max=r_max, d_max=d_max)
 
     def extra_repr(self) -> str:
-        return _NormBase.extra_repr(self) + f", r_max={self.r_max}, d_max={self.d_max}"
+        s = _NormBase.extra_repr(self) + f", r_max={self.r_max}, d_max={self.d_max}"
+        schedule = self.__dict__.get("schedule")
+        return s if schedule is None else s + f", schedule={schedule}"
 
 
 class BatchRenorm1d(_BatchRenorm):

@@ -361,3 +361,25 @@ def test_loss_matrix_marks_diverged_networks():
 
 def test_time_steps_is_positive():
     assert 0 < small_batches.time_steps("gn", 2, steps=3, image_size=8, norm_kwargs={"groups": 4}) < 5
+
+
+def test_error_se_and_renorm_kwargs():
+    import pickle
+
+    from bnlib.lab.small_batches import RenormKwargs, error_se
+    from bnlib.numpy.batch_renorm import RenormSchedule
+
+    assert error_se(0.02, 500) == pytest.approx((0.02 * 0.98 / 500) ** 0.5)
+    np.testing.assert_allclose(error_se(np.array([0.0, 0.5]), 100), [0.0, 0.05])
+    with pytest.raises(ValueError, match="error"):
+        error_se(1.5, 10)
+    with pytest.raises(ValueError, match="n"):
+        error_se(0.1, 0)
+    k = RenormKwargs(1.5, 0.5, 4096)
+    assert k(2) == {"r_max": 1.5, "d_max": 0.5, "schedule": RenormSchedule(128, 1024, 640)}
+    assert k(64)["schedule"] == RenormSchedule(4, 32, 20)
+    assert pickle.loads(pickle.dumps(k)) == k
+    with pytest.raises(ValueError, match="fraction"):
+        RenormKwargs(1.5, 0.5, 4096, fraction=0.0)
+    with pytest.raises(ValueError, match="r_max"):
+        RenormKwargs(0.5, 0.5, 4096)

@@ -347,3 +347,18 @@ def test_argument_checks_share_exception_types_and_message_shape():
         P.class_sorted_batches(torch.arange(10).repeat(3), 11, num_batches=1, classes_per_batch=11)
     with pytest.raises(ValueError, match="r_max"):
         P.renorm_schedule(1, warmup=0, ramp=1, r_max=0.5)
+
+
+def test_judge_conditions():
+    from bnlib.lab.train_eval import judge_conditions
+
+    both = judge_conditions("c", {"a": [3.0, 3.2, 3.1], "b": [2.0, 2.5, 2.2]}, margin=1.0)
+    assert both.verdict == "confirmed" and both.effects == (2.0, 2.5, 2.2) and not both.partial
+    part = judge_conditions("c", {"a": [0.1, -0.2, 0.0], "b": [2.0, 2.5, 2.2]}, margin=1.0)
+    assert part.verdict == "qualified" and part.partial == "b" and part.effects == (2.0, 2.5, 2.2)
+    none = judge_conditions("c", {"a": [0.1, -0.2, 0.0], "b": [2.0, -2.5, 2.2]}, margin=1.0)
+    assert none.verdict == "not supported" and none.effects == (0.1, -2.5, 0.0)
+    with pytest.raises(ValueError, match="effects"):
+        judge_conditions("c", {"a": [1.0, 2.0, 3.0], "b": [1.0, 2.0]}, margin=0.0)
+    with pytest.raises(ValueError, match="effects"):
+        judge_conditions("c", {}, margin=0.0)
