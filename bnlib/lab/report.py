@@ -18,7 +18,8 @@ from typing import Iterable, Tuple
 
 import numpy as np
 
-__all__ = ["rounding_bound", "spread", "glue", "eps_of", "VERDICTS", "VERDICT_RULE", "Verdict", "judge"]
+__all__ = ["rounding_bound", "spread", "glue", "eps_of", "VERDICTS", "VERDICT_RULE", "Verdict", "judge",
+           "judge_conditions"]
 
 
 def _dtype_name(dtype) -> str:
@@ -182,3 +183,25 @@ def judge(claim: str, effects: Iterable[float], *, margin: float = 0.0, fmt: str
     else:
         verdict = "not supported"
     return Verdict(claim, verdict, values, float(margin), fmt, unit, partial)
+
+
+def judge_conditions(claim: str, effects: dict, *, margin: float, fmt: str = ".2f", unit: str = ""):
+    """The book's verdict (:func:`bnlib.lab.report.judge`) on a claim measured in several conditions.
+
+    ``effects``: ``{condition: per-seed effects}`` (the same seeds in every condition, positive in the claim's
+    direction). The claim holds in every condition when each seed's *smallest* effect over the conditions
+    exceeds the margin, so the verdict is judged on those minima; when it does not, but the claim holds (every
+    seed above the margin) in some conditions, the verdict is judged on the first of them and is at most
+    'qualified', naming them (``partial``); otherwise (no condition holds) it is judged on the minima.
+    """
+    if not isinstance(effects, dict) or not effects:
+        raise ValueError(f"effects: expected a non-empty dict {{condition: per-seed effects}}, got {effects!r}")
+    arrays = {k: np.asarray(list(v), dtype=float) for k, v in effects.items()}
+    sizes = {len(a) for a in arrays.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"effects: expected the same number of seeds in every condition, got {sorted(sizes)}")
+    worst = np.min(np.stack(list(arrays.values())), axis=0)
+    holding = [k for k, a in arrays.items() if a.min() > margin]
+    if worst.min() > margin or not holding:
+        return judge(claim, worst, margin=margin, fmt=fmt, unit=unit)
+    return judge(claim, arrays[holding[0]], margin=margin, fmt=fmt, unit=unit, partial=", ".join(holding))

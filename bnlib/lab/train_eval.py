@@ -23,8 +23,8 @@ Evaluation helpers
 Fixes
     :func:`recalibrate_bn` ("precise BN": recompute the running statistics of a trained model as an exact
     average over many batches), :func:`inference_example_weighing` (Summers & Dinneen 2020: mix each
-    example's own statistics into the population statistics), batch renormalization's schedule
-    (:func:`renorm_schedule`, :func:`set_renorm_limits`).
+    example's own statistics into the population statistics); batch renormalization's warm-up schedule is an
+    option of the layer itself (``bnlib.torch.BatchRenorm2d(..., schedule=bnlib.torch.RenormSchedule(...))``).
 
 Non-i.i.d. batches
     :func:`class_sorted_batches` (each batch drawn from a few classes only), :func:`iid_batches`, and
@@ -46,6 +46,7 @@ from torch import nn
 
 from .. import _checks
 from .._setup import generator
+from .report import judge_conditions  # noqa: F401 (re-exported: chapters 6 and 7 read it from here)
 
 __all__ = [
     "CONVENTIONS",
@@ -66,8 +67,6 @@ __all__ = [
     "class_sorted_batches",
     "iid_batches",
     "train_on_batches",
-    "renorm_schedule",
-    "set_renorm_limits",
     "judge_conditions",
 ]
 
@@ -471,8 +470,8 @@ def train_on_batches(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batches
                      callback: Optional[Callable] = None, progress: bool = False, desc: str = "train"):
     """Train ``model`` with cross-entropy, one optimizer step per index batch in ``batches`` (in that order).
 
-    ``callback(step, model)`` runs *before* step ``step`` (1-based), e.g. to set batch renorm's limits on a
-    schedule: :func:`bnlib.lab.train.train`'s ``before_step`` hook (a callable or a list of them; one may
+    ``callback(step, model)`` runs *before* step ``step`` (1-based), e.g. to record a layer's state:
+    :func:`bnlib.lab.train.train`'s ``before_step`` hook (a callable or a list of them; one may
     raise :class:`bnlib.lab.train.StopTraining`). Returns the list of training losses; training stops after
     a non-finite loss.
 
@@ -492,47 +491,3 @@ def train_on_batches(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batches
                  momentum=momentum, before_step=callback, sampler=lambda t: batches[t - 1], progress=progress,
                  desc=desc)
     return hist.train_loss
-
-
-def renorm_schedule(step: int, *, warmup: int, ramp: int, r_max: float = 3.0, d_max: float = 5.0):
-    """Batch renormalization's limits at ``step`` (Ioffe 2017): ``(1, 0)`` -- plain batch norm -- for the
-    first ``warmup`` steps, then linear ramps to ``(r_max, d_max)`` over ``ramp`` steps."""
-    _checks.check_int("warmup", warmup, 0)
-    _checks.check_positive_int("ramp", ramp)
-    r_max, d_max = _checks.check_renorm_limits(r_max, d_max)
-    t = min(max(step - warmup, 0) / ramp, 1.0)
-    return 1.0 + t * (r_max - 1.0), t * d_max
-
-
-def set_renorm_limits(model: nn.Module, r_max: float, d_max: float) -> int:
-    """Set ``r_max`` and ``d_max`` of every batch renorm layer in ``model``; returns how many were set."""
-    count = 0
-    for m in model.modules():
-        if hasattr(m, "r_max") and hasattr(m, "d_max"):
-            m.r_max, m.d_max = float(r_max), float(d_max)
-            count += 1
-    return count
-
-
-def judge_conditions(claim: str, effects: dict, *, margin: float, fmt: str = ".2f", unit: str = ""):
-    """The book's verdict (:func:`bnlib.lab.report.judge`) on a claim measured in several conditions.
-
-    ``effects``: ``{condition: per-seed effects}`` (the same seeds in every condition, positive in the claim's
-    direction). The claim holds in every condition when each seed's *smallest* effect over the conditions
-    exceeds the margin, so the verdict is judged on those minima; when it does not, but the claim holds (every
-    seed above the margin) in some conditions, the verdict is judged on the first of them and is at most
-    'qualified', naming them (``partial``); otherwise (no condition holds) it is judged on the minima.
-    """
-    from .report import judge
-
-    if not isinstance(effects, dict) or not effects:
-        raise ValueError(f"effects: expected a non-empty dict {{condition: per-seed effects}}, got {effects!r}")
-    arrays = {k: np.asarray(list(v), dtype=float) for k, v in effects.items()}
-    sizes = {len(a) for a in arrays.values()}
-    if len(sizes) != 1:
-        raise ValueError(f"effects: expected the same number of seeds in every condition, got {sorted(sizes)}")
-    worst = np.min(np.stack(list(arrays.values())), axis=0)
-    holding = [k for k, a in arrays.items() if a.min() > margin]
-    if worst.min() > margin or not holding:
-        return judge(claim, worst, margin=margin, fmt=fmt, unit=unit)
-    return judge(claim, arrays[holding[0]], margin=margin, fmt=fmt, unit=unit, partial=", ".join(holding))

@@ -267,24 +267,23 @@ def test_iid_batches_cover_epoch():
         P.iid_batches(3, 5, num_batches=1)
 
 
-def test_train_on_batches_and_renorm_schedule():
+def test_train_on_batches_with_a_renorm_schedule():
+    """The batch renorm layer follows its own warm-up schedule (bnlib.torch.RenormSchedule) step by step while
+    train_on_batches runs the callback before each step."""
     torch.manual_seed(0)
     x = torch.randn(60, 5)
     y = (x[:, 0] > 0).long()
-    model = nn.Sequential(nn.Linear(5, 8), bt.BatchRenorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    model = nn.Sequential(nn.Linear(5, 8), bt.BatchRenorm1d(8, schedule=bt.RenormSchedule(2, 6, 6)), nn.ReLU(),
+                          nn.Linear(8, 2))
     seen = []
 
     def cb(step, m):
-        r, d = P.renorm_schedule(step, warmup=2, ramp=4, r_max=3.0, d_max=5.0)
-        assert P.set_renorm_limits(m, r, d) == 1
-        seen.append((r, d))
+        seen.append(m[1].current_limits())
 
     losses = P.train_on_batches(model, x, y, P.iid_batches(60, 20, num_batches=8), lr=0.1, callback=cb)
     assert len(losses) == 8 and losses[-1] < losses[0]
     assert seen[0] == (1.0, 0.0) and seen[1] == (1.0, 0.0)
-    assert seen[3] == pytest.approx((2.0, 2.5)) and seen[-1] == pytest.approx((3.0, 5.0))
-    with pytest.raises(ValueError, match="ramp"):
-        P.renorm_schedule(1, warmup=0, ramp=0)
+    assert seen[4] == pytest.approx((2.0, 2.5)) and seen[-1] == pytest.approx((3.0, 5.0))
 
 
 def test_train_on_batches_takes_batches_in_order_and_stops():
@@ -346,7 +345,7 @@ def test_argument_checks_share_exception_types_and_message_shape():
     with pytest.raises(ValueError, match=r"classes_per_batch: expected an int in \[1, 10\], got 11"):
         P.class_sorted_batches(torch.arange(10).repeat(3), 11, num_batches=1, classes_per_batch=11)
     with pytest.raises(ValueError, match="r_max"):
-        P.renorm_schedule(1, warmup=0, ramp=1, r_max=0.5)
+        bt.BatchRenorm1d(4, r_max=0.5, schedule=bt.RenormSchedule(0, 1, 1))
 
 
 def test_judge_conditions():
